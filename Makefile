@@ -1,0 +1,26 @@
+# `make demo` and `make test` work on a fresh machine with Python >= 3.10 and pip.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# Without CUDA, the CPU build of torch: a bare `torch` would pull gigabytes of CUDA packages.
+TORCH := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: setup demo test bench
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed
+
+demo: setup
+	$(VENV)/bin/peftkit demo
+
+test: setup
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) bench/lora_step.py

@@ -1,0 +1,94 @@
+"""The public adapter API: apply, count, merge and unmerge, whatever the method."""
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from peftkit.errors import AdapterError, ConfigError
+from peftkit.presets import build_config, load_preset
+from peftkit.protocol import METHODS, adapter_parameters, method_of
+
+
+def resolve_adapter(spec: str | Path | Mapping[str, Any] | Any, **overrides: Any) -> Any:
+    """A config dataclass from a preset name, a YAML path, a mapping or a config, plus overrides."""
+    if any(isinstance(spec, m.config_class) for m in METHODS.values()):
+        if overrides:
+            raise ConfigError("overrides apply to preset names, paths and mappings, not to a built config")
+        return spec
+    values = {**load_preset(spec), **overrides}
+    method = values.pop("method", "lora")
+    if method not in METHODS:
+        raise ConfigError(f"unknown adapter method {method!r}: use one of {', '.join(METHODS)}")
+    return build_config(METHODS[method].config_class, values)
+
+
+def apply_adapter(model: nn.Module, spec: str | Path | Mapping[str, Any] | Any = "lora", **overrides: Any) -> nn.Module:
+    """Inject an adapter in place, freeze the base, and return the model.
+
+    Args:
+        model: a transformers causal LM (from `load_model` or elsewhere).
+        spec: a preset name from `adapters/` (`lora`, `lora-all`, `dora`), a path to a YAML
+            preset, a mapping of fields, or a config object.
+        **overrides: fields that replace the preset's, e.g. `r=16`.
+
+    Returns:
+        The same model; only the adapter's parameters have `requires_grad`.
+
+    Raises:
+        ConfigError: unknown preset or key, or an invalid value.
+        AdapterError: the model already has an adapter, or the targets match nothing.
+    """
+    if getattr(model, "peftkit_config", None) is not None:
+        raise AdapterError("this model already has an adapter: load a fresh base model to apply another")
+    cfg = resolve_adapter(spec, **overrides)
+    METHODS[cfg.method].apply(model, cfg)  # validates targets before it replaces anything
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for param in adapter_parameters(model).values():
+        param.requires_grad_(True)
+    model.peftkit_config = cfg
+    return model
+
+
+def adapter_config(model: nn.Module) -> Any:
+    """The config of the model's adapter."""
+    method_of(model)
+    return model.peftkit_config
+
+
+def trainable_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights count once, as in peft."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def format_trainable(model: nn.Module) -> str:
+    trainable, total = trainable_parameters(model)
+    return f"trainable: {trainable:,} / {total:,} ({100 * trainable / total:.2f}%)"
+
+
+def merge_adapter(model: nn.Module, unload: bool = False) -> nn.Module:
+    """Fold the adapter into the base weights.
+
+    Args:
+        model: a model with an adapter.
+        unload: also remove the adapter modules, returning a plain transformers model that
+            no longer needs peftkit (it cannot be unmerged afterwards).
+
+    Raises:
+        AdapterError: already merged, or the method cannot merge.
+    """
+    method = method_of(model)
+    method.merge(model)
+    if unload:
+        method.unload(model)
+        model.peftkit_config = None
+    return model
+
+
+def unmerge_adapter(model: nn.Module) -> nn.Module:
+    """Subtract a merged adapter from the base weights again."""
+    method_of(model).unmerge(model)
+    return model

@@ -1,0 +1,34 @@
+"""Model cards: the README.md written next to every adapter and merged model."""
+
+from typing import Any
+
+LICENCE_NOTES = {
+    "alpaca": ("Stanford Alpaca (tatsu-lab/stanford_alpaca)", "CC BY-NC 4.0",
+               "The training data is non-commercial, so this adapter is too: CC BY-NC 4.0."),
+}
+
+
+def render_card(*, base_model: str, method: str, hyperparameters: dict[str, Any], trainable: tuple[int, int],
+                data: str | None = None, metrics: dict[str, Any] | None = None, notes: list[str] | None = None) -> str:
+    """A Markdown model card with peft-style YAML front matter."""
+    lines = ["---", f"base_model: {base_model}", "library_name: peft", "tags:", "- peftkit", f"- {method}", "---", "",
+             f"# {method} adapter for {base_model}", "",
+             "Written by peftkit in peft's format: load it with `peftkit.load_adapter(model, dir)` or "
+             "`peft.PeftModel.from_pretrained(model, dir)`.", "", "## Method", "",
+             "| hyperparameter | value |", "| --- | --- |"]
+    lines += [f"| {key} | {value} |" for key, value in hyperparameters.items()]
+    n, total = trainable
+    lines += ["", f"Trainable parameters: {n:,} of {total:,} ({100 * n / total:.2f}%).", "", "## Data", ""]
+    if data in LICENCE_NOTES:
+        source, licence, note = LICENCE_NOTES[data]
+        lines += [f"Trained on {source}, licence {licence}. {note}"]
+    else:
+        lines += [f"Trained on: {data}." if data else "No training data recorded (an untrained or hand-made adapter)."]
+    lines += ["", "## Metrics", ""]
+    if metrics:
+        lines += ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in metrics.items()]
+    else:
+        lines += ["No evaluation recorded."]
+    if notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,101 @@
+"""The `peftkit` command line. Errors are one line on stderr; `--debug` shows the traceback."""
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+
+from peftkit.errors import PeftkitError
+
+logger = logging.getLogger("peftkit")
+
+
+class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    pass
+
+
+def cmd_models(args: argparse.Namespace) -> None:
+    from peftkit.models import cache_dir, list_models
+
+    print(f"{'name':<14} {'cached':<7} description")
+    for name, cached, description in list_models():
+        print(f"{name:<14} {'yes' if cached else 'no':<7} {description}")
+    print(f"\ncache: {cache_dir()}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    import torch
+
+    import peftkit
+    from peftkit.api import format_trainable
+
+    start = time.perf_counter()
+    model, tokenizer = peftkit.load_model(args.model, dtype="fp32", device="cpu" if args.cpu else None)
+    print(f"loaded {args.model} in {time.perf_counter() - start:.1f} s")
+    peftkit.apply_adapter(model, args.adapter)
+    print(f"adapter {args.adapter}: {format_trainable(model)}")
+    messages = [{"role": "user", "content": args.prompt}]
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                           return_dict=True).to(model.device)
+    with torch.no_grad():
+        adapted = model(**inputs).logits
+        peftkit.merge_adapter(model, unload=True)
+        merged = model(**inputs).logits
+    print(f"merged into a plain {type(model).__name__}: max |logit diff| vs the adapter = "
+          f"{(merged - adapted).abs().max().item():.2e}")
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    answer = tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    print(f"Q: {args.prompt}\nA: {answer.strip()}")
+
+
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
+    "models": (cmd_models, "list registry models and whether each is cached", "example:\n  peftkit models"),
+    "demo": (cmd_demo, "load a model, apply an adapter, merge it and generate an answer",
+             "example:\n  peftkit demo --adapter dora --prompt 'Name three primary colours.'"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peftkit", description="Parameter-efficient fine-tuning from scratch.",
+                                     formatter_class=Formatter)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (_, help_text, example) in COMMANDS.items():
+        sub.add_parser(name, help=help_text, description=help_text, epilog=example, formatter_class=Formatter)
+    demo = sub.choices["demo"]
+    demo.add_argument("--model", default="smollm2-135m", help="registry name, local directory or hub id")
+    demo.add_argument("--adapter", default="lora", help="adapter preset name or YAML path")
+    demo.add_argument("--prompt", default="What is the capital of France?", help="the question to answer")
+    demo.add_argument("--max-new-tokens", type=int, default=40, help="generation length")
+    demo.add_argument("--cpu", action="store_true", help="stay on the CPU even when CUDA is available")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("transformers", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.ERROR)
+    try:
+        COMMANDS[args.command][0](args)
+    except PeftkitError as exc:
+        if args.debug:
+            raise
+        print(f"peftkit: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("peftkit: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # anything else is a bug: one line, the traceback with --debug
+        if args.debug:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"peftkit: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

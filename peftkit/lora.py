@@ -1,0 +1,245 @@
+"""LoRA (Hu et al., 2021), rsLoRA (Kalajdzievski, 2023) and DoRA (Liu et al., 2024), from scratch.
+
+    y = base(x) + B(A(dropout(x))) * scale,   scale = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+A is kaiming-uniform (or gaussian), B is zero, so a fresh adapter leaves the model unchanged.
+DoRA splits the adapted weight into a trained magnitude m (one value per output row) and a
+direction:  W' = m * (W + scale * B A) / ||W + scale * B A||_row.  As in the DoRA paper
+(section 4.3) the norm is treated as a constant in backward.
+
+Parameter names follow peft (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`), so
+the saved state dict needs no renaming beyond peft's `base_model.model.` prefix.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peftkit.errors import AdapterError, ConfigError
+from peftkit.targets import ALL_LINEAR, find_targets, replace_module
+
+INITS = ("default", "gaussian")
+
+
+@dataclass
+class LoRAConfig:
+    """A LoRA or DoRA adapter, as written in an `adapters/*.yaml` preset."""
+
+    method: ClassVar[str] = "lora"
+    r: int = 8  # rank of the update B @ A
+    alpha: float = 16.0  # update scale numerator: scale = alpha / r (or alpha / sqrt(r) with rslora)
+    dropout: float = 0.0  # dropout on the adapter's input during training
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # names, a regex, or all-linear
+    rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
+    dora: bool = False  # weight-decomposed LoRA: train a per-row magnitude too
+    init: str = "default"  # A: kaiming-uniform (default) or normal(0, 1/r) (gaussian); B: zeros
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ConfigError(f"r must be a positive integer, got {self.r!r}: set r to 8, 16 or 32")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}: alpha = 2 * r is a common choice")
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        targets = self.target_modules
+        if isinstance(targets, (list, tuple)):
+            if not targets or not all(isinstance(t, str) and t for t in targets):
+                raise ConfigError(f"target_modules must be module names, a regex or 'all-linear', got {targets!r}")
+            self.target_modules = list(targets)
+        elif not isinstance(targets, str) or not targets:
+            raise ConfigError(f"target_modules must be module names, a regex or 'all-linear', got {targets!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        for flag in ("rslora", "dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / math.sqrt(self.r) if self.rslora else self.alpha / self.r
+
+
+class LoRALinear(nn.Module):
+    """An `nn.Linear` with a low-rank update; the frozen layer is kept as `self.base`.
+
+    Args:
+        base: the layer to adapt; its weight (out, in) is never trained.
+        r, alpha, dropout, rslora, dora, init: see `LoRAConfig`.
+    """
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+                 dora: bool = False, init: str = "default") -> None:
+        super().__init__()
+        self.base = base
+        self.r = r
+        self.scale = alpha / math.sqrt(r) if rslora else alpha / r
+        # Adapters stay in fp32 over a half-precision base, for stable updates (as peft does).
+        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
+        kwargs = {"bias": False, "device": base.weight.device, "dtype": dtype}
+        self.lora_A = nn.Linear(base.in_features, r, **kwargs)
+        self.lora_B = nn.Linear(r, base.out_features, **kwargs)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._merged_norm: torch.Tensor | None = None  # DoRA: the row norm used by merge, for unmerge
+        self.reset_parameters(init)
+        self.lora_magnitude_vector = nn.Parameter(self._row_norm().detach()) if dora else None
+
+    @property
+    def adapter_parameter_names(self) -> tuple[str, ...]:
+        names = ("lora_A.weight", "lora_B.weight")
+        return names + ("lora_magnitude_vector",) if self.lora_magnitude_vector is not None else names
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "default") -> None:
+        if init == "gaussian":
+            nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+        else:
+            nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """scale * B @ A, shape (out, in), in the adapter's dtype."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scale
+
+    def _row_norm(self) -> torch.Tensor:
+        """||W + scale * B A|| per output row, shape (out,); a constant for backward (DoRA 4.3)."""
+        weight = self.base.weight.to(self.lora_A.weight.dtype)
+        return torch.linalg.norm(weight + self.delta_weight().detach(), dim=1).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        if self.merged:
+            return result
+        if self.lora_magnitude_vector is not None:
+            return self._dora_forward(x, result)
+        x = x.to(self.lora_A.weight.dtype)
+        hidden = self.lora_A(self.dropout(x))  # (..., r)
+        if hidden.dtype == result.dtype:
+            # Note: one fused GEMM adds the update into the base output (result + scale * h @ B^T):
+            # no separate scale and add passes over the (tokens, out) activation in forward or backward.
+            out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, self.r),
+                              self.lora_B.weight.t(), alpha=self.scale)
+            return out.view(result.shape)
+        return result + (self.lora_B(hidden) * self.scale).to(result.dtype)
+
+    def _dora_forward(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.weight.dtype)
+        factor = self.lora_magnitude_vector / self._row_norm()  # (out,)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            base_result = result if self.base.bias is None else result - self.base.bias
+        else:
+            # The direction term must see the same dropped-out input as the update.
+            x = self.dropout(x)
+            base_result = F.linear(x.to(result.dtype), self.base.weight)
+        update = self.lora_B(self.lora_A(x))
+        dora = (factor - 1) * base_result + factor * update * self.scale
+        return result + dora.to(result.dtype)
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight; an error if already merged."""
+        if self.merged:
+            raise AdapterError("adapter is already merged: call unmerge_adapter first, or merge only once")
+        weight = self.base.weight
+        delta = self.delta_weight().to(torch.float32)
+        if self.lora_magnitude_vector is None:
+            weight.data = (weight.float() + delta).to(weight.dtype)
+        else:
+            self._merged_norm = self._row_norm().float()
+            factor = (self.lora_magnitude_vector.float() / self._merged_norm).view(-1, 1)
+            weight.data = (factor * (weight.float() + delta)).to(weight.dtype)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Exact inverse of merge up to rounding; an error if not merged."""
+        if not self.merged:
+            raise AdapterError("adapter is not merged: nothing to unmerge")
+        weight = self.base.weight
+        delta = self.delta_weight().to(torch.float32)
+        if self.lora_magnitude_vector is None:
+            weight.data = (weight.float() - delta).to(weight.dtype)
+        else:
+            factor = (self.lora_magnitude_vector.float() / self._merged_norm).view(-1, 1)
+            weight.data = (weight.float() / factor - delta).to(weight.dtype)
+            self._merged_norm = None
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        dora = ", dora" if self.lora_magnitude_vector is not None else ""
+        return f"r={self.r}, scale={self.scale:g}{dora}, merged={self.merged}"
+
+
+class LoRAMethod:
+    """LoRA/DoRA answering the adapter protocol (see `peftkit.protocol.AdapterMethod`)."""
+
+    name = "lora"
+    peft_type = "LORA"
+    config_class = LoRAConfig
+    module_class = LoRALinear
+    supported_bases: tuple[type, ...] = (nn.Linear,)
+
+    def apply(self, model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+        for name in find_targets(model, cfg.target_modules, self.supported_bases):
+            base = model.get_submodule(name)
+            replace_module(model, name, self.module_class(
+                base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora, cfg.init))
+        return model
+
+    def merge(self, model: nn.Module) -> None:
+        modules = self.modules(model)
+        if any(m.merged for m in modules):
+            raise AdapterError("adapter is already merged: call unmerge_adapter first, or merge only once")
+        for module in modules:
+            module.merge()
+
+    def unmerge(self, model: nn.Module) -> None:
+        modules = self.modules(model)
+        if not all(m.merged for m in modules):
+            raise AdapterError("adapter is not merged: nothing to unmerge")
+        for module in modules:
+            module.unmerge()
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        """Put the base layers back (merged or not), leaving a plain transformers model."""
+        for name, module in list(model.named_modules()):
+            if isinstance(module, LoRALinear):
+                replace_module(model, name, module.base)
+        return model
+
+    @staticmethod
+    def modules(model: nn.Module) -> list[LoRALinear]:
+        return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+    def to_peft_config(self, cfg: LoRAConfig, model: nn.Module) -> dict:
+        targets = cfg.target_modules
+        if targets == ALL_LINEAR:  # peft saves the expanded names
+            targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+        return {
+            "peft_type": self.peft_type, "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "target_modules": targets, "use_rslora": cfg.rslora,
+            "use_dora": cfg.dora, "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+            "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
+            "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+        }
+
+    def from_peft_config(self, peft: dict) -> LoRAConfig:
+        unsupported = {
+            "bias": ("none", None), "fan_in_fan_out": (False, None), "modules_to_save": (None, []),
+            "layers_to_transform": (None, []), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
+            "target_parameters": (None, []), "lora_bias": (False, None), "use_qalora": (False, None),
+            "trainable_token_indices": (None,), "layer_replication": (None,), "exclude_modules": (None, []),
+        }
+        for key, allowed in unsupported.items():
+            if peft.get(key, allowed[0]) not in allowed:
+                raise AdapterError(f"adapter_config.json sets {key}={peft[key]!r}, which peftkit does not support: "
+                                   f"re-save the adapter without it")
+        init = peft.get("init_lora_weights", True)
+        return LoRAConfig(
+            r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
+            target_modules=peft["target_modules"], rslora=bool(peft.get("use_rslora", False)),
+            dora=bool(peft.get("use_dora", False)), init="gaussian" if init == "gaussian" else "default")

@@ -1,0 +1,95 @@
+"""The adapter protocol: every method answers it, so training, saving, merging and reports
+never branch on the method.
+
+A model carries its adapter's config as `model.peftkit_config`; `method_of(model)` finds the
+method that applied it. Module-based methods (LoRA, DoRA, QLoRA) mark their trainable tensors
+with `adapter_parameter_names`; their state dict uses peft's key names.
+"""
+
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from peftkit.errors import AdapterError
+from peftkit.lora import LoRAMethod
+
+PEFT_PREFIX = "base_model.model."  # peft's saved keys start with this
+
+
+class AdapterMethod(Protocol):
+    name: str
+    peft_type: str
+    config_class: type
+
+    def apply(self, model: nn.Module, cfg: Any) -> nn.Module:
+        """Inject the adapter in place (the caller freezes the base)."""
+
+    def merge(self, model: nn.Module) -> None:
+        """Fold the adapter into the base weights; an error for methods that cannot."""
+
+    def unmerge(self, model: nn.Module) -> None:
+        """Undo merge."""
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        """Remove the adapter modules, leaving the (possibly merged) base model."""
+
+    def to_peft_config(self, cfg: Any, model: nn.Module) -> dict:
+        """The adapter_config.json fields in peft's schema."""
+
+    def from_peft_config(self, peft: dict) -> Any:
+        """The config from a peft adapter_config.json; an error naming unsupported fields."""
+
+
+METHODS: dict[str, AdapterMethod] = {"lora": LoRAMethod()}
+PEFT_TYPES: dict[str, AdapterMethod] = {m.peft_type: m for m in METHODS.values()}
+
+
+def method_of(model: nn.Module) -> AdapterMethod:
+    cfg = getattr(model, "peftkit_config", None)
+    if cfg is None:
+        raise AdapterError("this model has no peftkit adapter: call apply_adapter or load_adapter first")
+    return METHODS[cfg.method]
+
+
+def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module that declares adapter parameters, by full name."""
+    return {name: m for name, m in model.named_modules() if hasattr(m, "adapter_parameter_names")}
+
+
+def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The adapter's parameters under peft's saved key names, from each module's declared names."""
+    params = {}
+    for name, module in adapter_modules(model).items():
+        for pname in module.adapter_parameter_names:
+            params[f"{PEFT_PREFIX}{name}.{pname}"] = module.get_parameter(pname)
+    return params
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's tensors only, detached and contiguous, under peft's key names."""
+    return {key: p.detach().contiguous() for key, p in adapter_parameters(model).items()}
+
+
+@torch.no_grad()
+def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
+    """Copy tensors into the adapter; every key must match in name and shape.
+
+    Raises:
+        AdapterError: a missing or unexpected key, or a shape mismatch (an adapter made for
+            another base model), naming the tensor and both shapes.
+    """
+    params = adapter_parameters(model)
+    missing = sorted(params.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - params.keys())
+    base = getattr(model, "peftkit_base_name", "this model")
+    if missing or unexpected:
+        detail = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
+        raise AdapterError(f"{source} does not fit {base} ({len(missing)} missing, {len(unexpected)} unexpected "
+                           f"tensors; {detail}): load it onto the base model it was trained for")
+    for key, param in params.items():
+        tensor = state_dict[key]
+        if tensor.shape != param.shape:
+            raise AdapterError(f"{source}: tensor {key} has shape {tuple(tensor.shape)} but {base} expects "
+                               f"{tuple(param.shape)}: this adapter was made for another base model")
+        param.copy_(tensor)

@@ -1,0 +1,62 @@
+"""Which modules an adapter replaces, with peft's matching rules so both sides pick the same ones.
+
+- a list of names: a module matches when its full name equals a name or ends with `.name`;
+- a string: a regular expression that must match the full module name (`re.fullmatch`);
+- `all-linear`: every `nn.Linear` except the output head.
+"""
+
+import re
+from collections.abc import Iterable
+
+from torch import nn
+
+from peftkit.errors import AdapterError
+
+ALL_LINEAR = "all-linear"
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Full names of every `nn.Linear` in the model, the output head excluded."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
+
+
+def expand_all_linear(model: nn.Module) -> list[str]:
+    """`all-linear` as peft saves it: the sorted set of last name components."""
+    return sorted({name.rsplit(".", 1)[-1] for name in linear_module_names(model)})
+
+
+def matches(name: str, target_modules: str | Iterable[str]) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def find_targets(model: nn.Module, target_modules: str | list[str], supported: tuple[type, ...]) -> list[str]:
+    """Names of the modules to adapt, in model order.
+
+    Raises:
+        AdapterError: nothing matches (the message lists the model's linear layers), or a
+            matched module has a type the adapter cannot wrap.
+    """
+    if target_modules == ALL_LINEAR:
+        target_modules = expand_all_linear(model)
+    names = [name for name, _ in model.named_modules() if name and matches(name, target_modules)]
+    if not names:
+        suffixes = expand_all_linear(model)
+        raise AdapterError(f"target_modules {target_modules!r} match no module of this model: use names from "
+                           f"{suffixes} (or a regex over full names such as 'model.layers.0.self_attn.q_proj', "
+                           f"or 'all-linear')")
+    modules = dict(model.named_modules())
+    for name in names:
+        if not isinstance(modules[name], supported):
+            kinds = ", ".join(cls.__name__ for cls in supported)
+            raise AdapterError(f"target module {name!r} is a {type(modules[name]).__name__}; this adapter wraps "
+                               f"{kinds} only: narrow target_modules to linear layers")
+    return names
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)

