@@ -1,0 +1,45 @@
+"""Shared timing helpers for benchmarks: interleaved repetitions, medians, a JSON record."""
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(cases: dict[str, Callable[[], object]], reps: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds per case; the cases take turns so drift hits them all alike."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    samples = {name: [] for name in cases}
+    for _ in range(reps):
+        for name, fn in cases.items():
+            samples[name].append(timed(fn))
+    return {name: statistics.median(values) for name, values in samples.items()}
+
+
+def write_record(name: str, record: dict) -> Path:
+    import peft
+    import transformers
+
+    record = {"machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads(),
+                          "torch": torch.__version__, "transformers": transformers.__version__,
+                          "peft": peft.__version__}, **record}
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    return path
