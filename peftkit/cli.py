@@ -49,8 +49,39 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"Q: {args.prompt}\nA: {answer.strip()}")
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from peftkit.recipe import find_recipe, load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)  # validated before anything heavy happens
+    if args.nproc > 1:
+        _relaunch(args)
+        return
+    from peftkit.train import train
+
+    out = train(recipe, source=str(find_recipe(args.recipe)), resume=args.resume, overwrite=args.overwrite)
+    print(f"adapter: {out / 'adapter'}")
+    print(f"metrics: {out / 'metrics.jsonl'}")
+    if (out / "eval.json").is_file():
+        print(f"eval:    {out / 'eval.json'}")
+
+
+def _relaunch(args: argparse.Namespace) -> None:
+    """Data parallel: the same command in N processes (gloo on CPU, NCCL on GPUs) via torch.distributed.run."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
+           "-m", "peftkit", "train", args.recipe, *args.overrides]
+    cmd += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    done = subprocess.run(cmd)
+    if done.returncode != 0:
+        raise PeftkitError(f"data-parallel training failed (exit {done.returncode}); see the log above")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
     "models": (cmd_models, "list registry models and whether each is cached", "example:\n  peftkit models"),
+    "train": (cmd_train, "fine-tune a model with an adapter, as a recipe says",
+              "examples:\n  peftkit train lora-alpaca-smoke\n  peftkit train lora-alpaca train.lr=1e-4 impl=peft "
+              "output=runs/peft\n  peftkit train my-recipe.yaml --resume\n  peftkit train lora-sst2 --nproc 2"),
     "demo": (cmd_demo, "load a model, apply an adapter, merge it and generate an answer",
              "example:\n  peftkit demo --adapter dora --prompt 'Name three primary colours.'"),
 }
@@ -63,6 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_, help_text, example) in COMMANDS.items():
         sub.add_parser(name, help=help_text, description=help_text, epilog=example, formatter_class=Formatter)
+    train = sub.choices["train"]
+    train.add_argument("recipe", help="a shipped recipe name (see recipes/) or a path to a YAML recipe")
+    train.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="recipe overrides, e.g. train.lr=1e-4")
+    train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    train.add_argument("--nproc", type=int, default=1, help="data-parallel processes (CPU: gloo)")
     demo = sub.choices["demo"]
     demo.add_argument("--model", default="smollm2-135m", help="registry name, local directory or hub id")
     demo.add_argument("--adapter", default="lora", help="adapter preset name or YAML path")

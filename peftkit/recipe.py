@@ -1,0 +1,230 @@
+"""Recipes: one YAML file names the model, data, adapter, training and evaluation of a run.
+
+Every value is checked before any model is loaded: unknown keys (with the closest valid
+one), wrong types, missing files and impossible values each give a one-line error that names
+the key's path, e.g. `train.lr: must be > 0, got -1.0`.
+"""
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from peftkit.errors import ConfigError
+from peftkit.presets import builtin_dir, builtin_names, read_yaml
+
+
+@dataclass
+class DataConfig:
+    train: str = "alpaca"  # a data name (alpaca, sst2, e2e, gsm8k), a local JSON/JSONL/CSV/TSV file, or a hub id
+    format: str | None = None  # alpaca | chat | text | sst2 | e2e | gsm8k; None: the data name's own format
+    max_length: int = 512  # tokens per example; longer completions are cut, keeping the end-of-turn
+    eval_fraction: float = 0.05  # deterministic held-out share (E2E: split by meaning representation)
+    packing: bool = False  # pack examples into max_length rows; they never attend to each other
+    limit: int | None = None  # use at most this many training examples (after the split)
+
+    def check(self) -> None:
+        _require(16 <= self.max_length <= 1_000_000, "data.max_length", "must be between 16 and 1000000",
+                 self.max_length)
+        _require(0 <= self.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", self.eval_fraction)
+        _require(self.limit is None or self.limit > 0, "data.limit", "must be > 0", self.limit)
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 1.0  # passes over the training data (ignored when max_steps > 0)
+    max_steps: int = -1  # stop after this many optimiser steps; -1: run the epochs
+    batch_size: int = 8  # examples per device per step
+    grad_accum: int = 1  # micro-batches per optimiser step
+    lr: float = 2.0e-4  # peak learning rate (AdamW)
+    scheduler: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.03  # share of steps warming up linearly from 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
+    precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
+    seed: int = 42
+    logging_steps: int = 10  # one metrics.jsonl line every N steps
+    save_steps: int = 100  # checkpoint every N steps
+    save_total_limit: int = 2  # keep the last K checkpoints
+
+    def check(self) -> None:
+        _require(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
+        _require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 or > 0", self.max_steps)
+        for key in ("batch_size", "grad_accum", "logging_steps", "save_steps", "save_total_limit"):
+            _require(getattr(self, key) > 0, f"train.{key}", "must be > 0", getattr(self, key))
+        _require(0 < self.lr < 1, "train.lr", "must be in (0, 1)", self.lr)
+        _require(self.scheduler in ("cosine", "linear", "constant"), "train.scheduler",
+                 "must be cosine, linear or constant", self.scheduler)
+        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
+        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
+        _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
+                 "must be auto, fp32, bf16 or fp16", self.precision)
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)  # eval tasks run after training (sst2, e2e, gsm8k, alpaca-heldout)
+    limit: int | None = None  # examples per task
+    shots: int = 0  # in-context examples per prompt
+
+    def check(self) -> None:
+        _require(self.limit is None or self.limit > 0, "eval.limit", "must be > 0", self.limit)
+        _require(self.shots >= 0, "eval.shots", "must be >= 0", self.shots)
+
+
+@dataclass
+class Recipe:
+    model: str = "smollm2-135m"  # registry name, local model directory or hub id
+    adapter: str | dict = "lora"  # a preset in adapters/, a path, or an inline mapping
+    adapter_overrides: dict = field(default_factory=dict)  # fields replacing the preset's, e.g. {r: 16}
+    impl: str = "peftkit"  # peftkit, or peft: the same preset through Hugging Face peft, for comparison
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: str = "runs/run"  # the run directory
+
+    def check(self) -> None:
+        _require(self.impl in ("peftkit", "peft"), "impl", "must be peftkit or peft", self.impl)
+        for section in (self.data, self.train, self.eval):
+            section.check()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {rule}, got {value!r}")
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {path} does not exist: check the path")
+        return path
+    shipped = builtin_dir("recipes") / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    names = builtin_names("recipes")
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ConfigError(f"unknown recipe {name_or_path!r}: {hint}use one of {', '.join(names)} or a path to a YAML file")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-4` -> (["train", "lr"], 1e-4); the value is read as YAML."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} must look like key.path=value, e.g. train.lr=1e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML") from None
+    return key.split("."), value
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = values
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[path[-1]] = value
+    return values
+
+
+def load_recipe(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
+    """The resolved, validated recipe; raises ConfigError naming the key path of any problem."""
+    path = find_recipe(name_or_path)
+    values = apply_overrides(read_yaml(path), list(overrides or []))
+    recipe = build(Recipe, values, "")
+    recipe.check()
+    return recipe
+
+
+def build(cls: type, values: Any, prefix: str) -> Any:
+    """A dataclass from a mapping, checking keys and types recursively."""
+    where = prefix.rstrip(".") or "recipe"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"unknown key {prefix}{key}: {hint}")
+        kwargs[key] = coerce(hints[key], value, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def coerce(hint: Any, value: Any, key: str) -> Any:
+    """Check `value` against a type hint (converting int to float and numeric strings)."""
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key + ".")
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"{key}: a value is required")
+    for option in options:
+        ok, converted = _try(option, value)
+        if ok:
+            return converted
+    wanted = " or ".join(_name(o) for o in options if o is not type(None))
+    raise ConfigError(f"{key}: expected {wanted}, got {value!r}")
+
+
+def _try(option: Any, value: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(option) or option
+    if origin is bool:
+        return isinstance(value, bool), value
+    if origin is int:
+        if isinstance(value, str):
+            try:
+                return True, int(value)
+            except ValueError:
+                return False, None
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if origin is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 as a string
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True, float(value)
+        return False, None
+    if origin is str:
+        return isinstance(value, str), value
+    if origin is list:
+        (item,) = typing.get_args(option) or (Any,)
+        if isinstance(value, str):  # `eval.tasks=sst2,e2e` on the command line
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return isinstance(value, list) and all(isinstance(v, item) for v in value), value
+    if origin is dict:
+        return isinstance(value, dict), value
+    return False, None
+
+
+def _name(option: Any) -> str:
+    origin = typing.get_origin(option) or option
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping"}.get(origin, str(option))
+
+
+def save_resolved(recipe: Recipe, path: Path, source: str) -> None:
+    """The fully resolved recipe, with the command that reproduces it."""
+    header = f"# resolved from {source}; rerun with: peftkit train {path}\n"
+    path.write_text(header + yaml.safe_dump(recipe.to_dict(), sort_keys=False))

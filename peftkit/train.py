@@ -1,0 +1,213 @@
+"""One training run: recipe -> model -> adapter -> data -> trl SFTTrainer -> run directory.
+
+    runs/<name>/
+      recipe.yaml      the fully resolved recipe
+      adapter/         the trained adapter (peft's format) with its model card
+      checkpoints/     resumable checkpoints (safetensors + JSON), the last K kept
+      metrics.jsonl    one line per logging step
+      system.json      versions, device, wall time, peak memory, tokens/s
+      eval.json        per-task metrics, when the recipe names eval tasks
+"""
+
+import dataclasses
+import json
+import logging
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import PartialState
+from datasets import Dataset
+from transformers import set_seed
+
+from peftkit.api import apply_adapter, resolve_adapter, trainable_parameters
+from peftkit.checkpoint import WEIGHTS_NAME, read_adapter_weights, save_adapter
+from peftkit.data import DataStats, e2e_split, heldout_split, read_rows, resolve_source, tokenize_rows
+from peftkit.errors import ConfigError
+from peftkit.models import load_model
+from peftkit.protocol import load_adapter_state_dict
+from peftkit.recipe import Recipe, save_resolved
+from peftkit.trainer import PeftkitTrainer, checkpoints, peak_memory_mb
+
+logger = logging.getLogger(__name__)
+
+
+def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overwrite: bool = False) -> Path:
+    """Run a recipe end to end and return its run directory.
+
+    Raises:
+        ConfigError: the output exists (without overwrite/resume), a data file is missing, or
+            resuming a run whose recipe differs.
+        TrainingDiverged: the loss became NaN or infinite.
+    """
+    out = Path(recipe.output)
+    data_path, default_format = resolve_source(recipe.data.train)
+    fmt = recipe.data.format or default_format
+    if fmt is None:
+        raise ConfigError(f"data.format: required for {recipe.data.train} (alpaca, chat, text, sst2, e2e or gsm8k)")
+    if not data_path.is_file():
+        raise ConfigError(f"data.train: {data_path} does not exist: fix the path or set PEFTKIT_DATA")
+    adapter_cfg = resolve_adapter(recipe.adapter, **recipe.adapter_overrides)
+    state = PartialState(cpu=not torch.cuda.is_available())  # one process, or each of N data-parallel ones (joins their group)
+    if state.is_main_process:
+        last = prepare_output(out, recipe, resume=resume, overwrite=overwrite)
+        save_resolved(recipe, out / "recipe.yaml", source)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        last = checkpoints(out / "checkpoints")[-1] if resume else None
+
+    started = time.perf_counter()
+    set_seed(recipe.train.seed)  # the adapter's random init too: same seed, same run
+    model, tokenizer = load_model(recipe.model, dtype=train_dtype(recipe.train.precision))
+    train_set, eval_set, stats = build_datasets(recipe, tokenizer, data_path, fmt)
+    if recipe.impl == "peft":
+        from peftkit.peft_backend import apply_peft, load_peft_weights, save_peft
+
+        model = apply_peft(model, adapter_cfg)
+        save_fn, load_fn = save_peft, load_peft_weights
+    else:
+        apply_adapter(model, adapter_cfg)
+        save_fn = lambda m, d: save_adapter(m, d, overwrite=True)  # noqa: E731
+        load_fn = lambda m, d: load_adapter_state_dict(m, read_adapter_weights(d), str(Path(d) / WEIGHTS_NAME))  # noqa: E731
+    trainable = trainable_parameters(model)
+    logger.info("trainable: %s / %s (%.2f%%)", f"{trainable[0]:,}", f"{trainable[1]:,}",
+                100 * trainable[0] / trainable[1])
+
+    trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out), train_dataset=train_set,
+                             processing_class=tokenizer, run_dir=out, save_adapter=save_fn,
+                             load_adapter_weights=load_fn)
+    result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if not trainer.args.should_save:
+        return out  # other data-parallel ranks: the main process writes the run directory
+    save_fn(model, out / "adapter")
+    metrics = {"train_loss": round(result.training_loss, 4)}
+    if recipe.eval.tasks:
+        metrics.update(run_eval(recipe, model, tokenizer, out))
+    write_card(out / "adapter", recipe, adapter_cfg, trainable, metrics)
+    write_system(out, started, trainer, stats, trainable)
+    return out
+
+
+def train_dtype(precision: str) -> torch.dtype:
+    if precision == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> Path | None:
+    """Guard the run directory; return the checkpoint to resume from, if any."""
+    if resume:
+        saved = out / "recipe.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {out} holds no run (no recipe.yaml): start it without --resume")
+        previous = yaml.safe_load(saved.read_text())
+        if previous != yaml.safe_load(yaml.safe_dump(recipe.to_dict())):
+            raise ConfigError(f"--resume: the recipe differs from {saved}: resume with the same recipe and overrides")
+        found = checkpoints(out / "checkpoints")
+        if not found:
+            raise ConfigError(f"--resume: {out}/checkpoints holds no checkpoint yet: rerun with --overwrite")
+        logger.info("resuming from %s", found[-1])
+        return found[-1]
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ConfigError(f"output directory {out} already exists: pass --overwrite to replace it, --resume to "
+                              f"continue it, or set output=another/dir")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def build_datasets(recipe: Recipe, tokenizer, path: Path, fmt: str) -> tuple[Dataset, Dataset | None, DataStats]:
+    """Read, split (deterministically), limit and tokenise the training data."""
+    rows = read_rows(path)
+    if fmt == "e2e":
+        train_rows, held_rows = e2e_split(rows, recipe.data.eval_fraction)
+    else:
+        train_idx, held_idx = heldout_split(len(rows), recipe.data.eval_fraction, seed=recipe.train.seed)
+        train_rows, held_rows = [rows[i] for i in train_idx], [rows[i] for i in held_idx]
+    if recipe.data.limit:
+        train_rows = train_rows[: recipe.data.limit]
+    columns, stats = tokenize_rows(tokenizer, train_rows, fmt, recipe.data.max_length)
+    if not columns["input_ids"]:
+        raise ConfigError(f"data.train: no usable example in {path} at max_length {recipe.data.max_length}: "
+                          f"raise data.max_length")
+    held = None
+    if held_rows:
+        held_columns, _ = tokenize_rows(tokenizer, held_rows, fmt, recipe.data.max_length)
+        held = Dataset.from_dict(held_columns) if held_columns["input_ids"] else None
+    logger.info("data: %d training examples (%d truncated, %d dropped), %d held out", stats.examples,
+                stats.truncated, stats.dropped, len(held_rows))
+    return Dataset.from_dict(columns), held, stats
+
+
+def sft_config(recipe: Recipe, out: Path):
+    from trl import SFTConfig
+
+    t, d = recipe.train, recipe.data
+    dtype = train_dtype(t.precision)
+    return SFTConfig(
+        output_dir=str(out / "checkpoints"), num_train_epochs=t.epochs, max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr, lr_scheduler_type="constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
+        warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        report_to="none", max_length=d.max_length, packing=d.packing, packing_strategy="bfd",
+        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
+        optim="adamw_torch")
+
+
+def run_eval(recipe: Recipe, model, tokenizer, out: Path) -> dict[str, Any]:
+    """Evaluate the trained model on the recipe's tasks; writes eval.json, returns headline metrics."""
+    from peftkit.evaluation import evaluate_model
+
+    model.eval()
+    results = evaluate_model(model, tokenizer, recipe.eval.tasks, shots=recipe.eval.shots, limit=recipe.eval.limit)
+    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    headline = {}
+    for task, values in results.get("tasks", results).items():
+        for name, value in (values.get("metrics", values) if isinstance(values, dict) else {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                headline[f"{task}/{name}"] = round(value, 4)
+    return headline
+
+
+def write_card(directory: Path, recipe: Recipe, cfg: Any, trainable: tuple[int, int], metrics: dict) -> None:
+    from peftkit.card import render_card
+
+    notes = [f"Trained with peftkit (impl: {recipe.impl}) on {recipe.data.train}, format "
+             f"{recipe.data.format or 'default'}, max_length {recipe.data.max_length}; recipe in ../recipe.yaml."]
+    hyper = {**dataclasses.asdict(cfg), "lr": recipe.train.lr, "epochs": recipe.train.epochs,
+             "max_steps": recipe.train.max_steps, "batch_size": recipe.train.batch_size * recipe.train.grad_accum}
+    (directory / "README.md").write_text(render_card(base_model=recipe.model, method=cfg.method, hyperparameters=hyper,
+                                                     trainable=trainable, data=recipe.data.train,
+                                                     metrics=metrics, notes=notes))
+
+
+def write_system(out: Path, started: float, trainer: PeftkitTrainer, stats: DataStats,
+                 trainable: tuple[int, int]) -> None:
+    import peftkit
+    import transformers
+    import trl
+
+    wall = time.perf_counter() - started
+    tokens = trainer.state.num_input_tokens_seen
+    train_seconds = next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), wall)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    record = {
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "transformers": transformers.__version__, "trl": trl.__version__, "peftkit": peftkit.__version__},
+        "device": device, "platform": platform.platform(), "world_size": trainer.args.world_size,
+        "wall_time_s": round(wall, 2), "train_time_s": round(train_seconds, 2),
+        "peak_memory_mb": round(peak_memory_mb(), 1), "train_tokens": tokens,
+        "tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1), "steps": trainer.state.global_step,
+        "trainable_parameters": trainable[0], "total_parameters": trainable[1], "data": dataclasses.asdict(stats),
+    }
+    (out / "system.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -1,0 +1,204 @@
+"""trl's SFTTrainer with peftkit's run directory: safetensors checkpoints, metrics.jsonl, a
+progress bar, and a guard against a diverging loss.
+
+Note: transformers' own checkpoints pickle the optimizer, scheduler and RNG states
+(`torch.load`). peftkit reads only safetensors, JSON and YAML, so checkpoints are written in
+those formats instead, in the same folder layout, and the Trainer's resume logic (which
+reads `trainer_state.json` and skips the batches already seen) is reused unchanged. Each
+checkpoint is built in a temp directory and renamed into place, so a process killed while
+saving leaves the previous checkpoint intact.
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import resource
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+from trl import SFTTrainer
+
+from peftkit.errors import PeftkitError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+class TrainingDiverged(PeftkitError):
+    """The loss became NaN or infinite."""
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := CHECKPOINT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+class ProgressBar(TrainerCallback):
+    """One bar over optimiser steps, with loss and tokens/s; ETA from tqdm."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc="train", unit="step",
+                            dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.4f}", tok_s=f"{logs.get('tokens_per_s', 0):.0f}")
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+
+
+class PeftkitTrainer(SFTTrainer):
+    """SFTTrainer writing peftkit's run directory; `save_adapter(model, dir)` saves the adapter."""
+
+    def __init__(self, *args, run_dir: Path, save_adapter, load_adapter_weights, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.run_dir = Path(run_dir)
+        self.save_adapter_fn = save_adapter
+        self.load_adapter_weights_fn = load_adapter_weights
+        self.remove_callback(ProgressCallback)
+        self.add_callback(ProgressBar())
+        self._last_log = (time.perf_counter(), 0)
+
+    # --- divergence -------------------------------------------------------------------------
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            last = checkpoints(Path(self.args.output_dir))
+            kept = f"last good checkpoint: {last[-1]}" if last else "no checkpoint was written yet"
+            raise TrainingDiverged(f"loss became {loss.item()} at step {self.state.global_step + 1}; {kept}: lower "
+                                   f"train.lr or enable train.max_grad_norm, then rerun (or --resume)")
+        return loss
+
+    # --- metrics.jsonl ----------------------------------------------------------------------
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            now, tokens = time.perf_counter(), self.state.num_input_tokens_seen
+            last_time, last_tokens = self._last_log
+            logs["tokens_per_s"] = (tokens - last_tokens) / max(now - last_time, 1e-9)
+            logs["peak_memory_mb"] = peak_memory_mb()
+            self._last_log = (now, tokens)
+        super().log(logs, start_time)
+        if "loss" in logs and self.args.should_save:
+            keep = ("epoch", "loss", "learning_rate", "grad_norm", "tokens_per_s", "peak_memory_mb")
+            record = {"step": self.state.global_step, **{k: logs[k] for k in keep if k in logs}}
+            record["lr"] = record.pop("learning_rate", None)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # --- checkpoints in safetensors + JSON ----------------------------------------------------
+    def _save_checkpoint(self, model, trial) -> None:
+        root = Path(self.args.output_dir)
+        final = root / f"checkpoint-{self.state.global_step}"
+        tmp = root / f".checkpoint-{self.state.global_step}.tmp"
+        if self.args.should_save:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        self.accelerator.wait_for_everyone()
+        self._save_rng(tmp)
+        if self.args.should_save:
+            self.save_adapter_fn(self.accelerator.unwrap_model(model), tmp / "adapter")
+            self._save_optimizer(tmp)
+            self.state.save_to_json(str(tmp / "trainer_state.json"))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            for old in checkpoints(root)[: -self.args.save_total_limit]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.accelerator.wait_for_everyone()
+
+    def _save_optimizer(self, directory: Path) -> None:
+        state = self.optimizer.state_dict()
+        tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
+        for index, values in state["state"].items():
+            meta["state"][str(index)] = {}
+            for key, value in values.items():
+                if torch.is_tensor(value):
+                    tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                else:
+                    meta["state"][str(index)][key] = value
+        save_file(tensors, directory / "optimizer.safetensors")
+        (directory / "optimizer.json").write_text(json.dumps(meta))
+        (directory / "scheduler.json").write_text(json.dumps(self.lr_scheduler.state_dict()))
+
+    def _save_rng(self, directory: Path) -> None:
+        rank = self.args.process_index
+        version, internal, gauss = random.getstate()
+        name, keys, pos, has_gauss, cached = np.random.get_state()
+        meta = {"python": [version, list(internal), gauss], "numpy": [name, keys.tolist(), pos, has_gauss, cached]}
+        (directory / f"rng_{rank}.json").write_text(json.dumps(meta))
+        tensors = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            tensors["cuda"] = torch.cuda.get_rng_state()
+        save_file(tensors, directory / f"rng_{rank}.safetensors")
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
+        model = model if model is not None else self.model
+        self.load_adapter_weights_fn(model, Path(resume_from_checkpoint) / "adapter")
+
+    def _load_optimizer_and_scheduler(self, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        directory = Path(checkpoint)
+        meta = json.loads((directory / "optimizer.json").read_text())
+        tensors = load_file(directory / "optimizer.safetensors", device=str(self.args.device))
+        state = {int(i): dict(values) for i, values in meta["state"].items()}
+        for key, tensor in tensors.items():
+            index, name = key.split(".", 1)
+            state.setdefault(int(index), {})[name] = tensor
+        self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        self.lr_scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
+
+    def _load_rng_state(self, checkpoint) -> None:
+        if checkpoint is None:
+            return
+        directory, rank = Path(checkpoint), self.args.process_index
+        if not (directory / f"rng_{rank}.json").is_file():
+            logger.warning("no RNG state for process %d in %s: the resumed run may differ", rank, directory)
+            return
+        meta = json.loads((directory / f"rng_{rank}.json").read_text())
+        version, internal, gauss = meta["python"]
+        random.setstate((version, tuple(internal), gauss))
+        name, keys, pos, has_gauss, cached = meta["numpy"]
+        np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
+        tensors = load_file(directory / f"rng_{rank}.safetensors")
+        torch.set_rng_state(tensors["cpu"])
+        if "cuda" in tensors and torch.cuda.is_available():
+            torch.cuda.set_rng_state(tensors["cuda"])
+
+    def _load_scaler(self, checkpoint) -> None:
+        """fp16 loss scaling restarts from its default on resume (bf16 and fp32 need none)."""
+
+    def _save_scaler(self, output_dir) -> None:
+        """See `_load_scaler`."""
+
