@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import AdapterError, ConfigError
+from peftkit.nf4 import BLOCKSIZES, Linear4bit
 from peftkit.targets import ALL_LINEAR, find_targets, replace_module
 
 INITS = ("default", "gaussian")
@@ -37,6 +38,9 @@ class LoRAConfig:
     rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
     dora: bool = False  # weight-decomposed LoRA: train a per-row magnitude too
     init: str = "default"  # A: kaiming-uniform (default) or normal(0, 1/r) (gaussian); B: zeros
+    quantize: str | None = None  # nf4: quantise the targeted base layers to 4-bit NF4 first (QLoRA)
+    blocksize: int = 64  # NF4 block size (values sharing one absmax)
+    double_quant: bool = True  # quantise the absmax values too (8-bit, block 256)
 
     def __post_init__(self) -> None:
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
@@ -54,7 +58,11 @@ class LoRAConfig:
             raise ConfigError(f"target_modules must be module names, a regex or 'all-linear', got {targets!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
-        for flag in ("rslora", "dora"):
+        if self.quantize not in (None, "nf4"):
+            raise ConfigError(f"quantize must be nf4 or empty, got {self.quantize!r}")
+        if self.blocksize not in BLOCKSIZES:
+            raise ConfigError(f"blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+        for flag in ("rslora", "dora", "double_quant"):
             if not isinstance(getattr(self, flag), bool):
                 raise ConfigError(f"{flag} must be true or false, got {getattr(self, flag)!r}")
 
@@ -67,24 +75,28 @@ class LoRALinear(nn.Module):
     """An `nn.Linear` with a low-rank update; the frozen layer is kept as `self.base`.
 
     Args:
-        base: the layer to adapt; its weight (out, in) is never trained.
+        base: the layer to adapt, an `nn.Linear` or a 4-bit `Linear4bit` (QLoRA); its weight
+            (out, in) is never trained.
         r, alpha, dropout, rslora, dora, init: see `LoRAConfig`.
     """
 
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+    def __init__(self, base: nn.Linear | Linear4bit, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dora: bool = False, init: str = "default") -> None:
         super().__init__()
         self.base = base
         self.r = r
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
         # Adapters stay in fp32 over a half-precision base, for stable updates (as peft does).
-        dtype = torch.float32 if base.weight.dtype in (torch.float16, torch.bfloat16) else base.weight.dtype
-        kwargs = {"bias": False, "device": base.weight.device, "dtype": dtype}
+        weight_dtype, device = (base.weight.dtype, base.weight.device) if isinstance(base, nn.Linear) else (
+            base.weight_dtype, base.weight_packed.device)
+        dtype = torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
+        kwargs = {"bias": False, "device": device, "dtype": dtype}
         self.lora_A = nn.Linear(base.in_features, r, **kwargs)
         self.lora_B = nn.Linear(r, base.out_features, **kwargs)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self._merged_norm: torch.Tensor | None = None  # DoRA: the row norm used by merge, for unmerge
+        self._quantized_base: Linear4bit | None = None  # QLoRA: the 4-bit layer a merge replaced
         self.reset_parameters(init)
         self.lora_magnitude_vector = nn.Parameter(self._row_norm().detach()) if dora else None
 
@@ -105,9 +117,13 @@ class LoRALinear(nn.Module):
         """scale * B @ A, shape (out, in), in the adapter's dtype."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scale
 
+    def base_weight(self) -> torch.Tensor:
+        """The frozen weight (out, in); a 4-bit base is dequantised."""
+        return self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantized_weight()
+
     def _row_norm(self) -> torch.Tensor:
         """||W + scale * B A|| per output row, shape (out,); a constant for backward (DoRA 4.3)."""
-        weight = self.base.weight.to(self.lora_A.weight.dtype)
+        weight = self.base_weight().to(self.lora_A.weight.dtype)
         return torch.linalg.norm(weight + self.delta_weight().detach(), dim=1).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -134,16 +150,23 @@ class LoRALinear(nn.Module):
         else:
             # The direction term must see the same dropped-out input as the update.
             x = self.dropout(x)
-            base_result = F.linear(x.to(result.dtype), self.base.weight)
+            base_result = F.linear(x.to(result.dtype), self.base_weight().to(result.dtype))
         update = self.lora_B(self.lora_A(x))
         dora = (factor - 1) * base_result + factor * update * self.scale
         return result + dora.to(result.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the update into the base weight; an error if already merged."""
+        """Fold the update into the base weight; an error if already merged.
+
+        A 4-bit base is dequantised into a plain `nn.Linear` first (kept for unmerge): re-quantising
+        W + BA would round the update away.
+        """
         if self.merged:
             raise AdapterError("adapter is already merged: call unmerge_adapter first, or merge only once")
+        if isinstance(self.base, Linear4bit):
+            self._quantized_base = self.base
+            self.base = dequantized_linear(self.base)
         weight = self.base.weight
         delta = self.delta_weight().to(torch.float32)
         if self.lora_magnitude_vector is None:
@@ -167,11 +190,25 @@ class LoRALinear(nn.Module):
             factor = (self.lora_magnitude_vector.float() / self._merged_norm).view(-1, 1)
             weight.data = (weight.float() / factor - delta).to(weight.dtype)
             self._merged_norm = None
+        if self._quantized_base is not None:  # back to the exact 4-bit layer
+            self.base, self._quantized_base = self._quantized_base, None
         self.merged = False
 
     def extra_repr(self) -> str:
         dora = ", dora" if self.lora_magnitude_vector is not None else ""
         return f"r={self.r}, scale={self.scale:g}{dora}, merged={self.merged}"
+
+
+def dequantized_linear(layer: Linear4bit) -> nn.Linear:
+    """A plain `nn.Linear` holding a 4-bit layer's dequantised weight (and its bias)."""
+    weight = layer.dequantized_weight()
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                       device=weight.device, dtype=weight.dtype)
+    linear.weight.data = weight
+    if layer.bias is not None:
+        linear.bias.data = layer.bias.data.to(weight.dtype)
+    linear.requires_grad_(False)
+    return linear
 
 
 class LoRAMethod:
@@ -181,10 +218,15 @@ class LoRAMethod:
     peft_type = "LORA"
     config_class = LoRAConfig
     module_class = LoRALinear
-    supported_bases: tuple[type, ...] = (nn.Linear,)
+    supported_bases: tuple[type, ...] = (nn.Linear, Linear4bit)
 
     def apply(self, model: nn.Module, cfg: LoRAConfig) -> nn.Module:
-        for name in find_targets(model, cfg.target_modules, self.supported_bases):
+        names = find_targets(model, cfg.target_modules, self.supported_bases)
+        if cfg.quantize == "nf4":
+            from peftkit.qlora import quantize_layers
+
+            quantize_layers(model, names, cfg.blocksize, cfg.double_quant)
+        for name in names:
             base = model.get_submodule(name)
             replace_module(model, name, self.module_class(
                 base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora, cfg.init))
@@ -225,7 +267,8 @@ class LoRAMethod:
             "use_dora": cfg.dora, "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
             "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
-        }
+        } | ({"peftkit": {"base_quantization": {"quant_type": "nf4", "blocksize": cfg.blocksize,
+                                                 "double_quant": cfg.double_quant}}} if cfg.quantize else {})
 
     def from_peft_config(self, peft: dict) -> LoRAConfig:
         unsupported = {
@@ -239,7 +282,10 @@ class LoRAMethod:
                 raise AdapterError(f"adapter_config.json sets {key}={peft[key]!r}, which peftkit does not support: "
                                    f"re-save the adapter without it")
         init = peft.get("init_lora_weights", True)
+        quantization = (peft.get("peftkit") or {}).get("base_quantization") or {}
         return LoRAConfig(
+            quantize="nf4" if quantization.get("quant_type") == "nf4" else None,
+            blocksize=quantization.get("blocksize", 64), double_quant=quantization.get("double_quant", True),
             r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
             target_modules=peft["target_modules"], rslora=bool(peft.get("use_rslora", False)),
             dora=bool(peft.get("use_dora", False)), init="gaussian" if init == "gaussian" else "default")

@@ -94,6 +94,7 @@ def load_model(
     name_or_path: str,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
+    quantize: str | None = None,
 ) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     """Load a causal language model and its tokenizer.
 
@@ -102,6 +103,8 @@ def load_model(
             model directory, or a hub id (only when online).
         dtype: `fp32`, `bf16`, `fp16` or a torch dtype; None picks fp32 on CPU, bf16 on CUDA.
         device: where to put the model; None picks CUDA when available, else CPU.
+        quantize: `nf4` quantises every linear layer but the output head to 4-bit NF4 with
+            double quantisation (QLoRA's base); None keeps full precision.
 
     Returns:
         (model, tokenizer), the model in eval mode. `model.peftkit_base_name` records what
@@ -123,6 +126,12 @@ def load_model(
         model, tokenizer = _from_pretrained(_local_or_hub(name_or_path), name_or_path)
         base_name = name_or_path
     model = model.to(device=device, dtype=dtype).eval()
+    if quantize == "nf4":
+        from peftkit.qlora import quantize_model
+
+        quantize_model(model)
+    elif quantize is not None:
+        raise ModelError(f"unknown quantize={quantize!r}: use nf4, or None for full precision")
     model.peftkit_base_name = base_name
     return model, tokenizer
 

@@ -2,7 +2,7 @@
 
 - a list of names: a module matches when its full name equals a name or ends with `.name`;
 - a string: a regular expression that must match the full module name (`re.fullmatch`);
-- `all-linear`: every `nn.Linear` except the output head.
+- `all-linear`: every linear layer (full precision or 4-bit) except the output head.
 """
 
 import re
@@ -11,14 +11,16 @@ from collections.abc import Iterable
 from torch import nn
 
 from peftkit.errors import AdapterError
+from peftkit.nf4 import Linear4bit
 
 ALL_LINEAR = "all-linear"
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Full names of every `nn.Linear` in the model, the output head excluded."""
+    """Full names of every linear layer (`nn.Linear` or 4-bit `Linear4bit`), the output head excluded."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head]
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, Linear4bit)) and module is not head]
 
 
 def expand_all_linear(model: nn.Module) -> list[str]:

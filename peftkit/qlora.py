@@ -1,0 +1,60 @@
+"""QLoRA (Dettmers et al., 2023): a frozen base quantised to 4-bit NF4 with double
+quantisation, and LoRA on top of every linear layer, trained through the 4-bit weights.
+
+In peftkit QLoRA is LoRA with `quantize: nf4` (preset `qlora`): `apply_adapter` quantises the
+targeted layers it finds in full precision, and `load_model(name, quantize="nf4")` quantises
+every linear layer but the output head up front. A trained QLoRA adapter is a plain LoRA
+adapter in peft's format; its config notes the 4-bit base so loaders can rebuild it.
+"""
+
+import logging
+import math
+
+from torch import nn
+
+from peftkit.errors import AdapterError
+from peftkit.nf4 import Linear4bit
+from peftkit.targets import linear_module_names, replace_module
+
+logger = logging.getLogger(__name__)
+
+
+def quantize_layers(model: nn.Module, names: list[str], blocksize: int = 64, double_quant: bool = True) -> int:
+    """Replace the named `nn.Linear` layers by `Linear4bit`; returns how many were quantised.
+
+    A layer whose weight is not a whole number of blocks stays in full precision, with a
+    warning naming it (bitsandbytes would pad the last block; a skipped layer keeps exact weights).
+    """
+    quantized = 0
+    for name in names:
+        layer = model.get_submodule(name)
+        if isinstance(layer, Linear4bit):
+            continue
+        if not isinstance(layer, nn.Linear):
+            raise AdapterError(f"cannot quantise {name!r}: it is a {type(layer).__name__}, not an nn.Linear")
+        if layer.weight.numel() % blocksize:
+            logger.warning("%s: %d weights are not a multiple of the block size %d; left unquantised",
+                           name, layer.weight.numel(), blocksize)
+            continue
+        replace_module(model, name, Linear4bit.from_linear(layer, blocksize=blocksize, double_quant=double_quant))
+        quantized += 1
+    return quantized
+
+
+def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+    """Quantise every linear layer except the output head, in place (as bitsandbytes' loader does)."""
+    count = quantize_layers(model, linear_module_names(model), blocksize, double_quant)
+    logger.info("quantised %d linear layers to NF4 (block %d, double quant %s)", count, blocksize, double_quant)
+    return model
+
+
+def weight_memory(model: nn.Module) -> dict[str, float]:
+    """Bytes and bits per parameter of the 4-bit layers: packed codes plus every quantisation state
+    tensor (block absmax codes, nested absmax, offset, code table), each storage counted once."""
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    storages = {buf.untyped_storage().data_ptr(): buf.untyped_storage().nbytes()
+                for layer in layers for name, buf in layer.named_buffers() if buf is not None}
+    params = sum(math.prod(m.weight_shape) for m in layers)
+    total = sum(storages.values())
+    return {"layers": len(layers), "parameters": params, "bytes": total,
+            "bits_per_parameter": 8 * total / params if params else float("nan")}
