@@ -48,6 +48,7 @@ def apply_adapter(model: nn.Module, spec: str | Path | Mapping[str, Any] | Any =
         param.requires_grad_(False)
     for param in adapter_parameters(model).values():
         param.requires_grad_(True)
+    model.train(model.training)  # new modules follow the model's mode (no dropout in eval)
     model.peftkit_config = cfg
     return model
 

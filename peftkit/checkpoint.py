@@ -135,7 +135,8 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     weights = read_adapter_weights(directory)
     saved_base = config.get("base_model_name_or_path")
     base = getattr(model, "peftkit_base_name", None)
-    if saved_base and base and saved_base != base:
+    aliases = {base, getattr(model, "name_or_path", None), getattr(getattr(model, "config", None), "_name_or_path", None)}
+    if saved_base and base and saved_base not in aliases:
         logger.warning("adapter in %s was saved for %s, loading onto %s", directory, saved_base, base)
     frozen = {name: p.requires_grad for name, p in model.named_parameters()}
     apply_adapter(model, cfg)

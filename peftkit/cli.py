@@ -77,11 +77,48 @@ def _relaunch(args: argparse.Namespace) -> None:
         raise PeftkitError(f"data-parallel training failed (exit {done.returncode}); see the log above")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from peftkit.evaluation import eval_from_args, format_table
+
+    report, path = eval_from_args(args)
+    print(format_table(report))
+    print(f"\neval: {path}")
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from peftkit.merge import merge_to_dir
+
+    record = merge_to_dir(args.source, args.out, dtype=args.dtype, base=args.base, overwrite=args.overwrite)
+    print(f"merged {record['method']} adapter into {record['base_model']} ({record['merged_into']} weights) -> {args.out}")
+    print(f"max |logit diff| vs adapter (fp32): {record['max_logit_diff_fp32']:.2e}; held-out perplexity "
+          f"{record['perplexity_adapter']:.4f} (adapter) -> {record['perplexity_merged']:.4f} (merged)")
+    if record["warning"]:
+        print(f"warning: {record['warning']}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from peftkit.compare import compare
+
+    out = compare(args.runs, args.out, overwrite=args.overwrite)
+    print(f"report: {out / 'report.md'}\n        {out / 'report.html'}")
+
+
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
     "models": (cmd_models, "list registry models and whether each is cached", "example:\n  peftkit models"),
     "train": (cmd_train, "fine-tune a model with an adapter, as a recipe says",
               "examples:\n  peftkit train lora-alpaca-smoke\n  peftkit train lora-alpaca train.lr=1e-4 impl=peft "
               "output=runs/peft\n  peftkit train my-recipe.yaml --resume\n  peftkit train lora-sst2 --nproc 2"),
+    "eval": (cmd_eval, "evaluate a model or a run on eval tasks; prints a table and writes eval.json",
+             "examples:\n  peftkit eval smollm2-135m --tasks sst2,e2e --limit 50\n"
+             "  peftkit eval smollm2-135m --tasks sst2 --shots 4\n"
+             "  peftkit eval runs/lora-alpaca --tasks alpaca-heldout,gsm8k\n"
+             "  peftkit eval smollm2-135m --adapter runs/x/adapter --tasks e2e --sample --temperature 0.7 --seed 1"),
+    "merge": (cmd_merge, "fold an adapter into its base and write a plain transformers model",
+              "examples:\n  peftkit merge runs/lora-alpaca --out merged/lora-alpaca\n"
+              "  peftkit merge runs/qlora-alpaca --out merged/q --dtype bf16\n"
+              "  peftkit merge runs/qlora-alpaca --out merged/q-orig --base original   # the QLoRA merge gap"),
+    "compare": (cmd_compare, "compare run directories in a Markdown table and an offline HTML page with plots",
+                "example:\n  peftkit compare runs/lora-alpaca runs/lora-alpaca-peft runs/qlora-alpaca --out reports/x"),
     "demo": (cmd_demo, "load a model, apply an adapter, merge it and generate an answer",
              "example:\n  peftkit demo --adapter dora --prompt 'Name three primary colours.'"),
 }
@@ -100,6 +137,35 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     train.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     train.add_argument("--nproc", type=int, default=1, help="data-parallel processes (CPU: gloo)")
+    ev = sub.choices["eval"]
+    ev.add_argument("target", metavar="MODEL_OR_RUN", help="registry name, model directory, hub id, or a run directory")
+    ev.add_argument("--tasks", help="comma-separated eval tasks (eval/*.yaml) or YAML paths; a run: its recipe's")
+    ev.add_argument("--shots", type=int, help="in-context examples (sst2, e2e, gsm8k); unset: each task's")
+    ev.add_argument("--limit", type=int, help="score only the first N examples of each task")
+    ev.add_argument("--data", help="data root folder, or one task's file; unset: $PEFTKIT_DATA or ../shared/data")
+    ev.add_argument("--adapter", help="adapter directory to apply to MODEL (a run brings its own)")
+    ev.add_argument("--out", help="where to write eval.json; unset: into the run, else ./eval.json")
+    ev.add_argument("--batch-size", type=int, help="sequences per batch; unset: each task's")
+    ev.add_argument("--max-new-tokens", type=int, help="generation length; unset: each task's")
+    ev.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    ev.add_argument("--temperature", type=float, help="sampling temperature (with --sample)")
+    ev.add_argument("--top-k", type=int, help="sampling top-k (with --sample)")
+    ev.add_argument("--top-p", type=float, help="sampling nucleus mass (with --sample)")
+    ev.add_argument("--seed", type=int, help="sampling seed; unset: each task's")
+    ev.add_argument("--no-cache", action="store_true", help="recompute even when a cached result exists")
+    ev.add_argument("--dtype", help="fp32, bf16 or fp16; unset: fp32 on CPU, bf16 on CUDA")
+    ev.add_argument("--device", help="cpu or cuda; unset: cuda when available")
+    merge = sub.choices["merge"]
+    merge.add_argument("source", metavar="RUN_OR_ADAPTER", help="a run directory or an adapter directory")
+    merge.add_argument("--out", required=True, help="directory for the merged model")
+    merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
+    merge.add_argument("--base", default="4bit", choices=["4bit", "original"],
+                       help="QLoRA only: merge into the dequantised 4-bit base it was trained on, or the original")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    comp = sub.choices["compare"]
+    comp.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by peftkit train")
+    comp.add_argument("--out", required=True, help="directory for report.md and report.html")
+    comp.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
     demo = sub.choices["demo"]
     demo.add_argument("--model", default="smollm2-135m", help="registry name, local directory or hub id")
     demo.add_argument("--adapter", default="lora", help="adapter preset name or YAML path")

@@ -14,7 +14,6 @@ Only JSON, JSONL, CSV and TSV are read. A malformed row names its file and line.
 """
 
 import csv
-import hashlib
 import json
 import logging
 import os
@@ -186,27 +185,12 @@ FORMATS = (*PAIR_FORMATS, "text")
 
 
 def e2e_split(rows: list[Row], heldout_fraction: float, seed: int = 0) -> tuple[list[Row], list[Row]]:
-    """Split E2E rows by meaning representation, never by row: an mr's references all go to one side.
+    """Split E2E rows by meaning representation, never by row: an mr's references all go to one
+    side, by the same hash as the e2e eval task (`peftkit.evaluation.splits.mr_is_heldout`)."""
+    from peftkit.evaluation.splits import mr_is_heldout
 
-    An mr goes to the held-out side when a hash of (seed, mr) falls below the fraction, so the
-    split is stable across runs, machines and file orderings.
-    """
-    def heldout(mr: str) -> bool:
-        digest = hashlib.sha256(f"{seed}:{mr}".encode()).digest()
-        return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
-    train = [r for r in rows if not heldout(r.fields["mr"])]
-    held = [r for r in rows if heldout(r.fields["mr"])]
-    return train, held
-
-
-def heldout_split(n: int, fraction: float, seed: int = 42) -> tuple[list[int], list[int]]:
-    """Deterministic (train, held-out) row indices: a seeded permutation, the first fraction held out."""
-    import random
-
-    order = list(range(n))
-    random.Random(seed).shuffle(order)
-    cut = int(round(n * fraction))
-    return sorted(order[cut:]), sorted(order[:cut])
+    held = [mr_is_heldout(r.fields["mr"], heldout_fraction, seed) for r in rows]
+    return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
 
 
 # --- tokenisation with completion-only labels ------------------------------------------------
@@ -248,9 +232,12 @@ def tokenize_pair(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], comple
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     boundary = next((i for i, (start, _) in enumerate(offsets) if start >= len(prompt_text)), len(ids))
     labels = [IGNORE] * boundary + ids[boundary:]
+    eos = tokenizer.eos_token_id
+    if eos in ids[boundary:]:  # the template's text after the end-of-turn (a newline) is not the answer
+        last = len(ids) - 1 - ids[::-1].index(eos)
+        labels[last + 1:] = [IGNORE] * (len(ids) - last - 1)
     if len(ids) <= max_length:
         return ids, labels, "ok"
-    eos = tokenizer.eos_token_id
     tail = len(ids) - max(i for i, t in enumerate(ids) if t == eos) if eos in ids[boundary:] else 0
     keep = max_length - tail
     if keep <= boundary:

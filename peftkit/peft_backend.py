@@ -1,29 +1,84 @@
-"""`impl: peft`: the same adapter preset through Hugging Face peft, for side-by-side reports.
+"""`impl: peft`: the same adapter preset through Hugging Face peft (and, for QLoRA, a
+bitsandbytes 4-bit base), for side-by-side reports and parity tests.
 
-peft is imported here only, inside functions: peftkit's own adapters never use it.
+peft and bitsandbytes are imported here only, inside functions: peftkit's own adapters never
+use them.
 """
 
+import logging
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from peftkit.errors import ConfigError
-from peftkit.lora import LoRAConfig
+from peftkit.targets import linear_module_names, replace_module
+
+logger = logging.getLogger(__name__)
+
+
+def _require(package: str):
+    try:
+        return __import__(package)
+    except ImportError:
+        raise ConfigError(f"impl: peft needs the {package} package: pip install -e '.[dev]'") from None
+
+
+def bnb_quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
+    """Replace every linear layer but the head by a bitsandbytes NF4 `Linear4bit`, in place.
+
+    Weights are quantised explicitly from their full-precision values (fp32 in, fp32 quant
+    state) rather than lazily on a device move, and bitsandbytes' CPU inference path, which
+    repacks weights for an AVX512-BF16 kernel computing in bf16, is switched off: its fp32
+    dequantise-and-matmul path is the reference (training uses it anyway).
+    """
+    bnb = _require("bitsandbytes")
+    for name in linear_module_names(model):
+        linear = model.get_submodule(name)
+        compute = linear.weight.dtype
+        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                  compute_dtype=compute, compress_statistics=double_quant, quant_type="nf4",
+                                  device="meta")
+        packed, state = bnb.functional.quantize_4bit(linear.weight.data, blocksize=blocksize,
+                                                     compress_statistics=double_quant, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=blocksize,
+                                         compress_statistics=double_quant, quant_type="nf4", bnb_quantized=True)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+        layer.support_avx512bf16_for_cpu = False
+        replace_module(model, name, layer)
+    return model
+
+
+def peft_config(cfg: Any, model: nn.Module) -> Any:
+    """peft's config for a peftkit config."""
+    peft = _require("peft")
+    if cfg.method == "lora":
+        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+                               use_rslora=cfg.rslora, use_dora=cfg.dora, task_type="CAUSAL_LM",
+                               init_lora_weights="gaussian" if cfg.init == "gaussian" else True)
+    if cfg.method == "prefix":
+        if cfg.init != "random":
+            logger.warning("peft's prefix-tuning has no init from real tokens: impl: peft starts from random prefixes")
+        return peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM",
+                                       prefix_projection=cfg.prefix_projection,
+                                       encoder_hidden_size=cfg.encoder_hidden_size)
+    if cfg.method == "prompt":
+        init = peft.PromptTuningInit.RANDOM
+        if cfg.init == "tokens":
+            init = peft.PromptTuningInit.TEXT if cfg.init_text else peft.PromptTuningInit.SAMPLE_VOCAB
+        return peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM",
+                                       prompt_tuning_init=init, prompt_tuning_init_text=cfg.init_text,
+                                       tokenizer_name_or_path=model.config._name_or_path if cfg.init_text else None)
+    raise ConfigError(f"impl: peft has no counterpart for method {cfg.method!r}: use impl: peftkit")
 
 
 def apply_peft(model: nn.Module, cfg: Any) -> nn.Module:
-    """Wrap `model` with peft's version of the peftkit config `cfg`."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError:
-        raise ConfigError("impl: peft needs the peft package: pip install peft (or pip install -e '.[dev]')") from None
-    if type(cfg) is LoRAConfig:
-        peft_cfg = LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                              use_rslora=cfg.rslora, use_dora=cfg.dora, task_type="CAUSAL_LM",
-                              init_lora_weights="gaussian" if cfg.init == "gaussian" else True)
-        return get_peft_model(model, peft_cfg)
-    raise ConfigError(f"impl: peft is not available for method {cfg.method!r} yet: use impl: peftkit")
+    """Wrap `model` with peft's version of the peftkit config `cfg` (QLoRA: on a bitsandbytes base)."""
+    peft = _require("peft")
+    if getattr(cfg, "quantize", None) == "nf4":
+        bnb_quantize(model, cfg.blocksize, cfg.double_quant)
+    return peft.get_peft_model(model, peft_config(cfg, model))
 
 
 def save_peft(model: nn.Module, directory: Path) -> None:
@@ -36,6 +91,3 @@ def load_peft_weights(model: nn.Module, directory: Path) -> None:
 
     set_peft_model_state_dict(model, load_file(Path(directory) / "adapter_model.safetensors"))
 
-
-def count_peft(model: nn.Module) -> tuple[int, int]:
-    return model.get_nb_trainable_parameters()

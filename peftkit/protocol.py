@@ -3,7 +3,9 @@ never branch on the method.
 
 A model carries its adapter's config as `model.peftkit_config`; `method_of(model)` finds the
 method that applied it. Module-based methods (LoRA, DoRA, QLoRA) mark their trainable tensors
-with `adapter_parameter_names`; their state dict uses peft's key names.
+with `adapter_parameter_names`; their state dict uses peft's key names. An adapter module may name
+its own keys (`peft_parameters`) and compute its own saved tensors (`peft_state_dict`): prefix and
+prompt tuning save the bare key `prompt_embeddings`, with prefix-tuning's MLP folded in.
 """
 
 from typing import Any, Protocol
@@ -13,6 +15,8 @@ from torch import nn
 
 from peftkit.errors import AdapterError
 from peftkit.lora import LoRAMethod
+from peftkit.prefix import PrefixMethod
+from peftkit.prompt import PromptMethod
 
 PEFT_PREFIX = "base_model.model."  # peft's saved keys start with this
 
@@ -41,7 +45,7 @@ class AdapterMethod(Protocol):
         """The config from a peft adapter_config.json; an error naming unsupported fields."""
 
 
-METHODS: dict[str, AdapterMethod] = {"lora": LoRAMethod()}
+METHODS: dict[str, AdapterMethod] = {"lora": LoRAMethod(), "prefix": PrefixMethod(), "prompt": PromptMethod()}
 PEFT_TYPES: dict[str, AdapterMethod] = {m.peft_type: m for m in METHODS.values()}
 
 
@@ -57,18 +61,30 @@ def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if hasattr(m, "adapter_parameter_names")}
 
 
+def module_parameters(name: str, module: nn.Module) -> dict[str, nn.Parameter]:
+    """One adapter module's parameters under peft's key names: its own, or its declared names."""
+    if hasattr(module, "peft_parameters"):
+        return module.peft_parameters()
+    return {f"{PEFT_PREFIX}{name}.{pname}": module.get_parameter(pname) for pname in module.adapter_parameter_names}
+
+
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter's parameters under peft's saved key names, from each module's declared names."""
     params = {}
     for name, module in adapter_modules(model).items():
-        for pname in module.adapter_parameter_names:
-            params[f"{PEFT_PREFIX}{name}.{pname}"] = module.get_parameter(pname)
+        params.update(module_parameters(name, module))
     return params
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors only, detached and contiguous, under peft's key names."""
-    return {key: p.detach().contiguous() for key, p in adapter_parameters(model).items()}
+    state = {}
+    for name, module in adapter_modules(model).items():
+        if hasattr(module, "peft_state_dict"):
+            state.update(module.peft_state_dict())
+        else:
+            state.update({key: p.detach().contiguous() for key, p in module_parameters(name, module).items()})
+    return state
 
 
 @torch.no_grad()

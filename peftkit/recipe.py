@@ -24,14 +24,15 @@ class DataConfig:
     train: str = "alpaca"  # a data name (alpaca, sst2, e2e, gsm8k), a local JSON/JSONL/CSV/TSV file, or a hub id
     format: str | None = None  # alpaca | chat | text | sst2 | e2e | gsm8k; None: the data name's own format
     max_length: int = 512  # tokens per example; longer completions are cut, keeping the end-of-turn
-    eval_fraction: float = 0.05  # deterministic held-out share (E2E: split by meaning representation)
+    eval_fraction: float | None = None  # held-out share, never trained on; None: the eval task's (0.05, E2E 0.2 of mrs)
     packing: bool = False  # pack examples into max_length rows; they never attend to each other
     limit: int | None = None  # use at most this many training examples (after the split)
 
     def check(self) -> None:
         _require(16 <= self.max_length <= 1_000_000, "data.max_length", "must be between 16 and 1000000",
                  self.max_length)
-        _require(0 <= self.eval_fraction < 1, "data.eval_fraction", "must be in [0, 1)", self.eval_fraction)
+        _require(self.eval_fraction is None or 0 < self.eval_fraction < 1, "data.eval_fraction",
+                 "must be in (0, 1)", self.eval_fraction)
         _require(self.limit is None or self.limit > 0, "data.limit", "must be > 0", self.limit)
 
 
@@ -91,9 +92,30 @@ class Recipe:
     output: str = "runs/run"  # the run directory
 
     def check(self) -> None:
+        """Every check that needs no model: values, the adapter preset, data file, eval tasks."""
+        from peftkit.api import resolve_adapter
+        from peftkit.data import FORMATS, resolve_source
+
         _require(self.impl in ("peftkit", "peft"), "impl", "must be peftkit or peft", self.impl)
         for section in (self.data, self.train, self.eval):
             section.check()
+        try:
+            resolve_adapter(self.adapter, **self.adapter_overrides)
+        except ConfigError as exc:
+            raise ConfigError(f"adapter: {exc}") from None
+        path, default_format = resolve_source(self.data.train)
+        _require(path.is_file(), "data.train", "no such file (set PEFTKIT_DATA to the data folder, or give a path)",
+                 str(path))
+        fmt = self.data.format or default_format
+        _require(fmt in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)}", fmt)
+        if self.eval.tasks:
+            from peftkit.evaluation import task_names
+
+            known = task_names()
+            for task in self.eval.tasks:
+                close = difflib.get_close_matches(task, known, n=1)
+                hint = f" (did you mean {close[0]}?)" if close else ""
+                _require(task in known, "eval.tasks", f"unknown task{hint}; known: {', '.join(known)}", task)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

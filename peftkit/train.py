@@ -26,7 +26,8 @@ from transformers import set_seed
 
 from peftkit.api import apply_adapter, resolve_adapter, trainable_parameters
 from peftkit.checkpoint import WEIGHTS_NAME, read_adapter_weights, save_adapter
-from peftkit.data import DataStats, e2e_split, heldout_split, read_rows, resolve_source, tokenize_rows
+from peftkit.data import DataStats, e2e_split, read_rows, resolve_source, tokenize_rows
+from peftkit.evaluation.splits import split_heldout
 from peftkit.errors import ConfigError
 from peftkit.models import load_model
 from peftkit.protocol import load_adapter_state_dict
@@ -34,6 +35,8 @@ from peftkit.recipe import Recipe, save_resolved
 from peftkit.trainer import PeftkitTrainer, checkpoints, peak_memory_mb
 
 logger = logging.getLogger(__name__)
+
+HELDOUT, E2E_HELDOUT, SPLIT_SEED = 0.05, 0.2, 42  # as eval/alpaca-heldout.yaml and eval/e2e.yaml
 
 
 def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overwrite: bool = False) -> Path:
@@ -125,10 +128,12 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) 
 def build_datasets(recipe: Recipe, tokenizer, path: Path, fmt: str) -> tuple[Dataset, Dataset | None, DataStats]:
     """Read, split (deterministically), limit and tokenise the training data."""
     rows = read_rows(path)
+    # The same splits (fractions and seeds) as the eval tasks' held-out parts, so no run trains
+    # on what `peftkit eval` scores it on; the seeds are fixed, independent of train.seed.
     if fmt == "e2e":
-        train_rows, held_rows = e2e_split(rows, recipe.data.eval_fraction)
+        train_rows, held_rows = e2e_split(rows, recipe.data.eval_fraction or E2E_HELDOUT, seed=0)
     else:
-        train_idx, held_idx = heldout_split(len(rows), recipe.data.eval_fraction, seed=recipe.train.seed)
+        train_idx, held_idx = split_heldout(len(rows), recipe.data.eval_fraction or HELDOUT, seed=SPLIT_SEED)
         train_rows, held_rows = [rows[i] for i in train_idx], [rows[i] for i in held_idx]
     if recipe.data.limit:
         train_rows = train_rows[: recipe.data.limit]
@@ -166,11 +171,11 @@ def sft_config(recipe: Recipe, out: Path):
 
 def run_eval(recipe: Recipe, model, tokenizer, out: Path) -> dict[str, Any]:
     """Evaluate the trained model on the recipe's tasks; writes eval.json, returns headline metrics."""
-    from peftkit.evaluation import evaluate_model
+    from peftkit.evaluation import evaluate_model, write_report
 
     model.eval()
     results = evaluate_model(model, tokenizer, recipe.eval.tasks, shots=recipe.eval.shots, limit=recipe.eval.limit)
-    (out / "eval.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_report(results, out / "eval.json")
     headline = {}
     for task, values in results.get("tasks", results).items():
         for name, value in (values.get("metrics", values) if isinstance(values, dict) else {}).items():

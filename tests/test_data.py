@@ -9,7 +9,8 @@ import torch
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 import peftkit
-from peftkit.data import (IGNORE, Row, data_root, e2e_split, heldout_split, read_rows, tokenize_pair, tokenize_rows)
+from peftkit.data import IGNORE, Row, data_root, e2e_split, read_rows, tokenize_pair, tokenize_rows
+from peftkit.evaluation.splits import split_heldout
 from peftkit.errors import ConfigError
 
 SHARED = data_root()
@@ -23,7 +24,8 @@ def test_labels_mask_prompt_token_by_token(tiny):
                      add_special_tokens=False)["input_ids"]
     completion_ids = tok("Blue.<|im_end|>\n", add_special_tokens=False)["input_ids"]
     assert status == "ok" and ids == prompt_ids + completion_ids
-    assert labels == [IGNORE] * len(prompt_ids) + completion_ids
+    # the answer and its end-of-turn are trained; the template's newline after it is not
+    assert labels == [IGNORE] * len(prompt_ids) + completion_ids[:-1] + [IGNORE]
     assert tok.eos_token_id in [label for label in labels if label != IGNORE]  # the model learns to stop
 
 
@@ -33,9 +35,9 @@ def test_labels_with_real_tokenizer(smol):
     prompt = [{"role": "user", "content": "What is 2 + 2?"}]
     ids, labels, _ = tokenize_pair(tok, prompt, "4", max_length=512)
     trained = [label for label in labels if label != IGNORE]
-    assert tok.decode(trained) == "4<|im_end|>\n"
-    assert tok.decode(ids[: len(ids) - len(trained)]).endswith("<|im_start|>assistant\n")
-    assert trained[-2] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.decode(trained) == "4<|im_end|>"
+    assert tok.decode(ids[: len(ids) - len(trained) - 1]).endswith("<|im_start|>assistant\n")
+    assert trained[-1] == tok.eos_token_id == tok.convert_tokens_to_ids("<|im_end|>")
 
 
 def test_truncation_keeps_end_of_turn(tiny):
@@ -79,7 +81,7 @@ def test_chat_and_text_formats(tiny, tmp_path):
                     + json.dumps({"text": "plain"}) + "\n")
     rows = read_rows(path)
     columns, _ = tokenize_rows(tiny[1], rows[:1], "chat", 512)
-    assert tiny[1].decode([t for t in columns["labels"][0] if t != IGNORE]) == "hello<|im_end|>\n"
+    assert tiny[1].decode([t for t in columns["labels"][0] if t != IGNORE]) == "hello<|im_end|>"
     columns, _ = tokenize_rows(tiny[1], rows[1:], "text", 512)
     assert columns["labels"][0] == columns["input_ids"][0] and columns["input_ids"][0][-1] == tiny[1].eos_token_id
 
@@ -118,10 +120,10 @@ def test_e2e_split_by_meaning_representation():
     assert {r.fields["mr"] for r in again} == train_mrs  # independent of row order
 
 
-def test_heldout_split_is_deterministic():
-    a, b = heldout_split(5000, 0.05, seed=42), heldout_split(5000, 0.05, seed=42)
+def test_split_heldout_is_deterministic():
+    a, b = split_heldout(5000, 0.05, seed=42), split_heldout(5000, 0.05, seed=42)
     assert a == b and len(a[1]) == 250 and not set(a[0]) & set(a[1])
-    assert heldout_split(5000, 0.05, seed=1)[1] != a[1]
+    assert split_heldout(5000, 0.05, seed=1)[1] != a[1]
 
 
 def test_packed_batch_loss_equals_unpacked(tiny):

@@ -12,7 +12,8 @@ from peftkit.errors import AdapterError
 from peftkit.lora import LoRALinear
 from peftkit.nf4 import Linear4bit
 from peftkit.qlora import weight_memory
-from peftkit.targets import linear_module_names, replace_module
+from peftkit.peft_backend import bnb_quantize
+from peftkit.targets import linear_module_names
 from tests.conftest import randomize_adapter, token_batch
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -21,22 +22,7 @@ from peft import PeftModel  # noqa: E402
 
 def bnb_model(name: str) -> torch.nn.Module:
     """The reference: every linear layer but the head as bitsandbytes NF4 with double quantisation."""
-    model, _ = peftkit.load_model(name, dtype="fp32", device="cpu")
-    for layer_name in linear_module_names(model):
-        linear = model.get_submodule(layer_name)
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                                  compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4",
-                                  device="meta")
-        # quantise explicitly (fp32 in, fp32 quant state) rather than lazily on a device move
-        packed, state = bnb.functional.quantize_4bit(linear.weight.data, blocksize=64, compress_statistics=True,
-                                                     quant_type="nf4")
-        layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=64,
-                                         compress_statistics=True, quant_type="nf4", bnb_quantized=True)
-        # bitsandbytes' CPU inference path repacks the weight for an AVX512-BF16 kernel that computes
-        # in bf16; the fp32 reference is its dequantise-and-matmul path, which training uses anyway.
-        layer.support_avx512bf16_for_cpu = False
-        replace_module(model, layer_name, layer)
-    return model
+    return bnb_quantize(peftkit.load_model(name, dtype="fp32", device="cpu")[0])
 
 
 def qlora_model(name: str = "tiny-llama", **overrides) -> torch.nn.Module:

@@ -1,0 +1,67 @@
+"""Batched generation: left padding, the KV cache, greedy or seeded sampling.
+
+Each batch samples under its own seed (`settings.seed + batch number`) inside a forked RNG, so a
+rerun with the same settings and batch size gives the same text, whatever ran before, and the
+caller's global RNG is left as it was.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from peftkit.evaluation.batches import pad, sorted_batches
+from peftkit.evaluation.prompts import pad_id
+from peftkit.evaluation.spec import GenerationSettings
+
+
+def stop_ids(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Token ids that end an answer: the tokenizer's eos and the model's configured eos ids."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return sorted(i for i in ids if i is not None)
+
+
+def hf_generation_config(settings: GenerationSettings, pad: int, stops: list[int]) -> GenerationConfig:
+    """A transformers `GenerationConfig` holding exactly our settings, not the model's defaults."""
+    sampling = {}
+    if not settings.greedy:
+        sampling = {"temperature": float(settings.temperature), "top_k": settings.top_k, "top_p": settings.top_p}
+    return GenerationConfig(max_new_tokens=settings.max_new_tokens, do_sample=not settings.greedy, num_beams=1,
+                            use_cache=True, pad_token_id=pad, eos_token_id=stops,
+                            **{k: v for k, v in sampling.items() if v is not None})
+
+
+@torch.inference_mode()
+def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
+             settings: GenerationSettings, batch_size: int = 8, desc: str | None = None,
+             progress: bool = True) -> list[str]:
+    """Generate a completion for each prompt and decode it.
+
+    Args:
+        model: a causal LM.
+        tokenizer: its tokenizer; special tokens are dropped from the decoded text.
+        prompts: token ids of each prompt (e.g. from `prompts.prompt_ids`).
+        settings: greedy or sampling, lengths and seed.
+        batch_size: prompts per `generate` call.
+        desc, progress: the progress bar's label, and whether to show it.
+
+    Returns:
+        The decoded new text of each prompt, stripped, in the order of `prompts`.
+    """
+    device = next(model.parameters()).device
+    padding = pad_id(tokenizer)
+    config = hf_generation_config(settings, padding, stop_ids(model, tokenizer))
+    devices = [device] if device.type == "cuda" else []
+    texts: list[str] = [""] * len(prompts)
+    for number, idx in sorted_batches(prompts, batch_size, desc, progress):
+        ids, mask, _ = pad([prompts[i] for i in idx], padding, device)
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(settings.seed + number)
+            output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        new = tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
+        for i, text in zip(idx, new):
+            texts[i] = text.strip()
+    return texts

@@ -1,0 +1,69 @@
+"""SST-2 sentiment, scored by log-likelihood: which label word does the model find more likely?
+
+The user message is the prompt with the sentence; the candidate answers are the label words as
+the assistant's reply. k-shot examples come from the training file, balanced over the labels,
+drawn once with the spec's seed and shown as prior chat turns before every test sentence.
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from peftkit.errors import ConfigError
+from peftkit.evaluation.data import read_sst2
+from peftkit.evaluation.metrics import compute
+from peftkit.evaluation.prompts import messages, pad_id, prompt_ids
+from peftkit.evaluation.scoring import score_candidates
+from peftkit.evaluation.spec import PromptedSpec, TaskResult
+from peftkit.evaluation.splits import draw_balanced
+
+
+@dataclass
+class Sst2Spec(PromptedSpec):
+    """`prompt` placeholder: `{text}`, the sentence."""
+
+    shots_data: str | None = None  # the labelled file k-shot examples are drawn from (needed when shots > 0)
+    labels: dict[int, str] = field(default_factory=lambda: {1: "positive", 0: "negative"})  # label -> answer word
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (not isinstance(self.labels, dict) or set(self.labels) != {0, 1}
+                or not all(isinstance(w, str) and w.strip() for w in self.labels.values())):
+            raise ConfigError(f"{self.name}: labels must map 0 and 1 to answer words, e.g. "
+                              f"{{1: positive, 0: negative}}, got {self.labels!r}")
+        if self.shots and self.shots_data is None:
+            raise ConfigError(f"{self.name}: shots: {self.shots} needs shots_data, the labelled file to draw "
+                              f"examples from (e.g. sst2/train.tsv)")
+
+    def data_fields(self) -> tuple[str, ...]:
+        return ("data", "shots_data") if self.shots else ("data",)
+
+
+SPEC = Sst2Spec
+
+
+def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: Sst2Spec, limit: int | None = None,
+        progress: bool = True) -> TaskResult:
+    """Accuracy and macro F1 (percent) of label-word classification on `spec.data`."""
+    rows = read_sst2(Path(spec.data))[:limit]
+    turns = []
+    if spec.shots:
+        train = read_sst2(Path(spec.shots_data))
+        shots = draw_balanced(train, [label for _, label in train], spec.shots, spec.seed)
+        turns = [(spec.fill(text=text), spec.labels[label]) for text, label in shots]
+    prompts = [prompt_ids(tokenizer, messages(turns, spec.fill(text=text))) for text, _ in rows]
+    order = sorted(spec.labels)
+    candidates = [tokenizer(spec.labels[label], add_special_tokens=False)["input_ids"] for label in order]
+    scores = score_candidates(model, prompts, candidates, pad_id(tokenizer), spec.batch_size, spec.name, progress)
+    predictions = [order[j] for j in scores.argmax(dim=1).tolist()]
+    references = [label for _, label in rows]
+    metrics = {"accuracy": 100 * compute("accuracy", predictions, references)["accuracy"],
+               "f1_macro": 100 * compute("f1", predictions, references)["f1"]}
+    details = {"scoring": "log-likelihood of each label word as the assistant's answer",
+               "shot_selection": f"balanced over labels from shots_data, seed {spec.seed}" if spec.shots else None}
+    examples = [{"text": text, "label": label, "prediction": pred,
+                 "logprobs": {spec.labels[k]: round(float(s), 4) for k, s in zip(order, row)}}
+                for (text, label), pred, row in zip(rows[:3], predictions, scores[:3].tolist())]
+    return TaskResult(metrics=metrics, n=len(rows), details=details, examples=examples)

@@ -1,0 +1,78 @@
+"""`peftkit compare`: tables from real run directories, an offline HTML page whose plots render."""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftkit.compare import compare, method_name, pairs, summarize
+from peftkit.errors import ConfigError
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from tests.test_train import write_recipe
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("runs")
+    path = write_recipe(tmp, adapter_overrides={"dropout": 0.0}, train={"max_steps": 4, "logging_steps": 1})
+    ours = train(load_recipe(str(path), [f"output={tmp / 'lora'}"]))
+    theirs = train(load_recipe(str(path), ["impl=peft", f"output={tmp / 'lora-peft'}"]))
+    dora = train(load_recipe(str(path), ["adapter=dora", f"output={tmp / 'dora'}"]))
+    for run, accuracy in ((ours, 75.0), (theirs, 70.0), (dora, 80.0)):  # percentages, as `peftkit eval` writes
+        (run / "eval.json").write_text(json.dumps({"tasks": {"sst2": {"metrics": {"accuracy": accuracy}}}}))
+    return [ours, theirs, dora]
+
+
+def test_summaries_and_pairs(runs):
+    summaries = [summarize(r) for r in runs]
+    assert [(s.method, s.impl) for s in summaries] == [("lora", "peftkit"), ("lora", "peft"), ("dora", "peftkit")]
+    assert summaries[0].trainable == summaries[1].trainable > 0 and summaries[2].trainable > summaries[0].trainable
+    assert [len(s.losses) for s in summaries] == [4, 4, 4] and summaries[0].adapter_bytes > 0
+    assert [(a.name, b.name) for a, b in pairs(summaries)] == [("lora", "lora-peft")]
+    assert method_name({"peft_type": "LORA", "peftkit": {"base_quantization": {"quant_type": "nf4"}}}) == "qlora"
+
+
+def test_markdown_and_html(runs, tmp_path):
+    out = compare(runs, tmp_path / "report")
+    markdown = (out / "report.md").read_text()
+    assert "| lora | lora | peftkit |" in markdown and "| lora-peft | lora | peft |" in markdown
+    assert "sst2/accuracy" in markdown and "lora vs lora-peft: sst2/accuracy | 75 | 70 | 5" in markdown
+    page = (out / "report.html").read_text()
+    assert page.count('class="plot"') == 2 and page.count("<polyline") == 3
+    assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing to fetch
+    with pytest.raises(ConfigError, match="--overwrite"):
+        compare(runs, out)
+
+
+def test_not_a_run(tmp_path):
+    with pytest.raises(ConfigError, match="not a finished run directory"):
+        compare([tmp_path], tmp_path / "out")
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_page_renders_in_headless_chromium(runs, tmp_path):
+    from PIL import Image
+
+    out = compare(runs, tmp_path / "report")
+    shot = tmp_path / "shot.png"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1000,1400", f"--screenshot={shot}"]
+    subprocess.run([CHROMIUM, *flags, (out / "report.html").as_uri()], capture_output=True, timeout=120)
+    image = Image.open(shot).convert("RGB")
+    colours = image.getcolors(maxcolors=1 << 20)
+    assert len(colours) > 50  # not blank: text, tables and plots
+    pixels = set(c for _, c in colours)
+    for hex_colour in ("#1f77b4", "#d62728", "#2ca02c"):  # every run's curve and bar is drawn
+        rgb = tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+        assert rgb in pixels, hex_colour
+    dom = subprocess.run([CHROMIUM, *flags[:-1], "--dump-dom", (out / "report.html").as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    assert dom.count('class="plot"') == 2 and 'data-plot="loss"' in dom and 'data-plot="sst2/accuracy"' in dom
