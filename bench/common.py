@@ -32,6 +32,20 @@ def interleaved(cases: dict[str, Callable[[], object]], reps: int, warmup: int =
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
+def train_step(model: torch.nn.Module, batch: torch.Tensor) -> Callable[[], None]:
+    """One forward + backward + AdamW step on `batch` (labels = inputs); no optimiser if nothing trains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    model.train()
+
+    def step() -> None:
+        model(input_ids=batch, labels=batch).loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    return step
+
+
 def write_record(name: str, record: dict) -> Path:
     import peft
     import transformers

@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peftkit  # noqa: E402
-from bench.common import interleaved, write_record  # noqa: E402
+from bench.common import interleaved, train_step, write_record  # noqa: E402
 from peftkit.protocol import adapter_parameters  # noqa: E402
 
 CONFIGS = {
@@ -49,20 +49,6 @@ def floor_model(name):
         p.requires_grad_(False)
     model.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_(True))
     return model
-
-
-def train_step(model, batch):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    model.train()
-
-    def step():
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-    return step
 
 
 def generation(model, prompt, new_tokens):

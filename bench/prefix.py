@@ -19,7 +19,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peftkit  # noqa: E402
-from bench.common import interleaved, write_record  # noqa: E402
+from bench.common import interleaved, train_step, write_record  # noqa: E402
 
 VIRTUAL_TOKENS = 20
 CONFIGS = {  # tag: (peftkit method, peftkit overrides, peft config)
@@ -33,17 +33,6 @@ CONFIGS = {  # tag: (peftkit method, peftkit overrides, peft config)
 
 def load(name: str) -> torch.nn.Module:
     return peftkit.load_model(name, dtype="fp32", device="cpu")[0]
-
-
-def train_step(model: torch.nn.Module, batch: torch.Tensor) -> Callable[[], None]:
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
-
-    def step() -> None:
-        model(input_ids=batch, labels=batch).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
 
 
 def generation(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> Callable[[], None]:

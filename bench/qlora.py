@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peftkit  # noqa: E402
-from bench.common import interleaved, write_record  # noqa: E402
+from bench.common import interleaved, train_step, write_record  # noqa: E402
 from peftkit.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 from peftkit.peft_backend import apply_peft  # noqa: E402
 from peftkit.qlora import weight_memory  # noqa: E402
@@ -62,17 +62,8 @@ def main() -> None:
     theirs = apply_peft(peftkit.load_model(args.model, dtype="fp32", device="cpu")[0], cfg)
     memory = weight_memory(ours)
 
-    def step(model):
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        model.train()
-
-        def run():
-            model(input_ids=batch, labels=batch).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return run
-
-    steps = interleaved({"peftkit": step(ours), "peft + bitsandbytes": step(theirs)}, reps=args.reps)
+    steps = interleaved({"peftkit": train_step(ours, batch), "peft + bitsandbytes": train_step(theirs, batch)},
+                        reps=args.reps)
 
     print(f"{args.model}: {memory['layers']} linear layers, {memory['parameters']:,} weights, CPU "
           f"{torch.get_num_threads()} threads, median of {args.reps}")

@@ -1,5 +1,6 @@
 """The public adapter API: apply, count, merge and unmerge, whatever the method."""
 
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -7,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.errors import AdapterError, ConfigError
+from peftkit.nf4 import Linear4bit
 from peftkit.presets import build_config, load_preset
 from peftkit.protocol import METHODS, adapter_parameters, method_of
 
@@ -60,9 +62,14 @@ def adapter_config(model: nn.Module) -> Any:
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts; tied weights count once, as in peft."""
+    """(trainable, total) parameter counts; tied weights count once, as in peft.
+
+    A 4-bit layer's weight (stored as buffers) counts as its logical out x in values, so a
+    QLoRA model's total is the base model's size, not its packed byte count.
+    """
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    quantized = sum(math.prod(m.weight_shape) for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
 
 
 def format_trainable(model: nn.Module) -> str:

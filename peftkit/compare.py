@@ -54,6 +54,19 @@ def method_name(adapter_config: dict) -> str:
     return {"prefix_tuning": "prefix", "prompt_tuning": "prompt"}.get(kind, kind)
 
 
+def recipe_method(recipe: dict) -> str | None:
+    """The method a run's recipe asked for (peft's saved config cannot tell QLoRA from LoRA)."""
+    from peftkit.api import resolve_adapter
+
+    try:
+        cfg = resolve_adapter(recipe.get("adapter", "lora"), **(recipe.get("adapter_overrides") or {}))
+    except ConfigError:
+        return None
+    if cfg.method == "lora":
+        return "qlora" if cfg.quantize else "dora" if cfg.dora else "lora"
+    return cfg.method
+
+
 def summarize(run: Path) -> RunSummary:
     """What one run directory says about itself."""
     if not (run / "recipe.yaml").is_file() or not (run / "adapter").is_dir():
@@ -73,7 +86,7 @@ def summarize(run: Path) -> RunSummary:
             if "loss" in record:
                 losses.append((record["step"], record["loss"]))
     return RunSummary(
-        name=run.name, method=method_name(_json(run / "adapter" / "adapter_config.json")),
+        name=run.name, method=recipe_method(recipe) or method_name(_json(run / "adapter" / "adapter_config.json")),
         impl=recipe.get("impl", "peftkit"), recipe=recipe, metrics=metrics,
         trainable=system.get("trainable_parameters", 0), total=system.get("total_parameters", 0),
         peak_memory_mb=system.get("peak_memory_mb", float("nan")), tokens_per_s=system.get("tokens_per_s", float("nan")),

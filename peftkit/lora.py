@@ -94,6 +94,7 @@ class LoRALinear(nn.Module):
         self.lora_A = nn.Linear(base.in_features, r, **kwargs)
         self.lora_B = nn.Linear(r, base.out_features, **kwargs)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout_p = float(dropout)
         self.merged = False
         self._merged_norm: torch.Tensor | None = None  # DoRA: the row norm used by merge, for unmerge
         self._quantized_base: Linear4bit | None = None  # QLoRA: the 4-bit layer a merge replaced
@@ -127,13 +128,19 @@ class LoRALinear(nn.Module):
         return torch.linalg.norm(weight + self.delta_weight().detach(), dim=1).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = self.base(x)
+        # Note: the layers are applied as functions, not called as modules: at batch-1 decoding a
+        # module call's bookkeeping costs as much as the rank-r matmuls themselves.
+        base = self.base
+        result = F.linear(x, base.weight, base.bias) if type(base) is nn.Linear else base(x)
         if self.merged:
             return result
         if self.lora_magnitude_vector is not None:
             return self._dora_forward(x, result)
-        x = x.to(self.lora_A.weight.dtype)
-        hidden = self.lora_A(self.dropout(x))  # (..., r)
+        weight_a = self.lora_A.weight
+        x = x.to(weight_a.dtype)
+        if self.training and self.dropout_p > 0:
+            x = F.dropout(x, self.dropout_p, training=True)
+        hidden = F.linear(x, weight_a)  # (..., r)
         if hidden.dtype == result.dtype:
             # Note: one fused GEMM adds the update into the base output (result + scale * h @ B^T):
             # no separate scale and add passes over the (tokens, out) activation in forward or backward.

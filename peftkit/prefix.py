@@ -208,7 +208,8 @@ class VirtualTokens(nn.Module, ABC):
 
 def cache_kwarg(model: nn.Module) -> str:
     """The forward's cache argument: `cache` in recent transformers, `past_key_values` before."""
-    params = inspect.signature(model.forward).parameters
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
+    params = inspect.signature(base.forward).parameters
     for name in ("cache", "past_key_values"):
         if name in params:
             return name

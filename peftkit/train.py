@@ -80,7 +80,11 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     logger.info("trainable: %s / %s (%.2f%%)", f"{trainable[0]:,}", f"{trainable[1]:,}",
                 100 * trainable[0] / trainable[1])
 
-    trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out), train_dataset=train_set,
+    # Note: LoRA-family runs train padding-free (a batch is one row, position ids restart per
+    # example, so examples never attend to each other): no compute is spent on pad tokens.
+    # Virtual-token methods need the padded layout: their cache would bridge packed examples.
+    padding_free = adapter_cfg.method == "lora"
+    trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free), train_dataset=train_set,
                              processing_class=tokenizer, run_dir=out, save_adapter=save_fn,
                              load_adapter_weights=load_fn)
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
@@ -150,7 +154,7 @@ def build_datasets(recipe: Recipe, tokenizer, path: Path, fmt: str) -> tuple[Dat
     return Dataset.from_dict(columns), held, stats
 
 
-def sft_config(recipe: Recipe, out: Path):
+def sft_config(recipe: Recipe, out: Path, padding_free: bool = False):
     from trl import SFTConfig
 
     t, d = recipe.train, recipe.data
@@ -164,7 +168,9 @@ def sft_config(recipe: Recipe, out: Path):
         gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
         seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        report_to="none", max_length=d.max_length, packing=d.packing, packing_strategy="bfd",
+        report_to="none", packing=d.packing, packing_strategy="bfd", padding_free=padding_free or d.packing,
+        # examples are already cut to data.max_length (keeping the end-of-turn); packing needs the row length
+        max_length=d.max_length if d.packing or not padding_free else None,
         include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
         optim="adamw_torch")
 

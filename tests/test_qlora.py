@@ -148,3 +148,11 @@ def test_qlora_adapter_onto_another_base(tmp_path):
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(AdapterError, match=r"has shape \(8, 64\) but .* expects \(8, 128\)"):
         peftkit.load_adapter(other, directory)
+
+
+def test_parameter_count_of_a_4bit_model_is_its_logical_size():
+    full, _ = peftkit.load_model("tiny-llama")
+    base_total = sum(p.numel() for p in full.parameters())
+    model = qlora_model()
+    trainable, total = peftkit.trainable_parameters(model)
+    assert total == base_total + trainable  # the 4-bit weights count as out x in values, not packed bytes

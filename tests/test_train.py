@@ -124,9 +124,11 @@ def test_peft_backend_trains_same_preset(tmp_path):
     ours = train(load_recipe(str(write_recipe(tmp_path)), ["adapter_overrides.dropout=0.0",
                                                              f"output={tmp_path / 'ours'}"]))
     theirs = train(load_recipe(str(write_recipe(tmp_path)), ["impl=peft", "adapter_overrides.dropout=0.0",
-                                                               f"output={tmp_path / 'theirs'}"]))
+                                                               f"output={tmp_path / 'theirs'}",
+                                                               "eval.tasks=alpaca-heldout,sst2", "eval.limit=4"]))
     loss = lambda run: [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
     assert json.loads((theirs / "adapter" / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert set(json.loads((theirs / "eval.json").read_text())["tasks"]) == {"alpaca-heldout", "sst2"}
     # different random initialisations of A, same data and schedule: both learn, curves are close
     assert loss(ours)[-1] < loss(ours)[0] and loss(theirs)[-1] < loss(theirs)[0]
 

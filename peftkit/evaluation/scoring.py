@@ -52,6 +52,8 @@ class SharedPrefix:
 
     def __init__(self, model: nn.Module, sequences: Sequence[Sequence[int]], longest: int,
                  use: bool = True) -> None:
+        # peft's prompt learning injects its own cache, which a shared prefix cache would replace
+        use = use and not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False)
         self.length = min(shared_prefix_length(sequences), longest) if use and sequences else 0
         self.cache, self.last_logits = None, None
         if self.length < MIN_SHARED:
