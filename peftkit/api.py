@@ -5,6 +5,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from peftkit.errors import AdapterError, ConfigError
@@ -64,12 +65,18 @@ def adapter_config(model: nn.Module) -> Any:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights count once, as in peft.
 
-    A 4-bit layer's weight (stored as buffers) counts as its logical out x in values, so a
-    QLoRA model's total is the base model's size, not its packed byte count.
+    A 4-bit layer's weight (ours: buffers; bitsandbytes': a packed parameter with a
+    `quant_state`) counts as its logical out x in values, so a QLoRA model's total is the base
+    model's size, not its packed byte count, whichever implementation quantised it.
     """
     params = list(model.parameters())
     quantized = sum(math.prod(m.weight_shape) for m in model.modules() if isinstance(m, Linear4bit))
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) + quantized
+    return sum(p.numel() for p in params if p.requires_grad), sum(_logical_numel(p) for p in params) + quantized
+
+
+def _logical_numel(param: torch.Tensor) -> int:
+    state = getattr(param, "quant_state", None)
+    return math.prod(state.shape) if state is not None and getattr(state, "shape", None) else param.numel()
 
 
 def format_trainable(model: nn.Module) -> str:

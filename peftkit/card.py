@@ -9,7 +9,7 @@ LICENCE_NOTES = {
 
 
 def render_card(*, base_model: str, method: str, hyperparameters: dict[str, Any], trainable: tuple[int, int],
-                data: str | None = None, metrics: dict[str, Any] | None = None, notes: list[str] | None = None) -> str:
+                data: str | list[str] | None = None, metrics: dict[str, Any] | None = None, notes: list[str] | None = None) -> str:
     """A Markdown model card with peft-style YAML front matter."""
     lines = ["---", f"base_model: {base_model}", "library_name: peft", "tags:", "- peftkit", f"- {method}", "---", "",
              f"# {method} adapter for {base_model}", "",
@@ -19,11 +19,15 @@ def render_card(*, base_model: str, method: str, hyperparameters: dict[str, Any]
     lines += [f"| {key} | {value} |" for key, value in hyperparameters.items()]
     n, total = trainable
     lines += ["", f"Trainable parameters: {n:,} of {total:,} ({100 * n / total:.2f}%).", "", "## Data", ""]
-    if data in LICENCE_NOTES:
-        source, licence, note = LICENCE_NOTES[data]
-        lines += [f"Trained on {source}, licence {licence}. {note}"]
-    else:
-        lines += [f"Trained on: {data}." if data else "No training data recorded (an untrained or hand-made adapter)."]
+    sources = [data] if isinstance(data, str) else list(data or [])
+    for source in sources:
+        if source in LICENCE_NOTES:
+            name, licence, note = LICENCE_NOTES[source]
+            lines += [f"Trained on {name}, licence {licence}. {note}"]
+        else:
+            lines += [f"Trained on: {source}."]
+    if not sources:
+        lines += ["No training data recorded (an untrained or hand-made adapter)."]
     lines += ["", "## Metrics", ""]
     if metrics:
         lines += ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in metrics.items()]

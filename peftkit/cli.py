@@ -53,6 +53,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     from peftkit.recipe import find_recipe, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # validated before anything heavy happens
+    if recipe.methods:
+        _train_methods(args, recipe)
+        return
     if args.nproc > 1:
         _relaunch(args)
         return
@@ -63,6 +66,20 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"metrics: {out / 'metrics.jsonl'}")
     if (out / "eval.json").is_file():
         print(f"eval:    {out / 'eval.json'}")
+
+
+def _train_methods(args: argparse.Namespace, recipe) -> None:
+    from peftkit.recipe import find_recipe
+    from peftkit.study import train_methods
+
+    if args.nproc > 1:
+        raise PeftkitError("--nproc: a recipe with methods trains them one after another in one process; "
+                           "drop --nproc, or train each method's recipe with --nproc")
+    command = " ".join(["peftkit train", args.recipe, *args.overrides] + ["--resume"] * args.resume)
+    report = train_methods(recipe, source=str(find_recipe(args.recipe)), resume=args.resume,
+                           overwrite=args.overwrite, command=command)
+    print(f"runs:   {', '.join(str(report.parent / name) for name in recipe.methods)}")
+    print(f"report: {report / 'report.md'}\n        {report / 'report.html'}")
 
 
 def _relaunch(args: argparse.Namespace) -> None:
@@ -107,7 +124,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
     "models": (cmd_models, "list registry models and whether each is cached", "example:\n  peftkit models"),
     "train": (cmd_train, "fine-tune a model with an adapter, as a recipe says",
               "examples:\n  peftkit train lora-alpaca-smoke\n  peftkit train lora-alpaca train.lr=1e-4 impl=peft "
-              "output=runs/peft\n  peftkit train my-recipe.yaml --resume\n  peftkit train lora-sst2 --nproc 2"),
+              "output=runs/peft\n  peftkit train my-recipe.yaml --resume\n  peftkit train lora-sst2 --nproc 2\n"
+              "  peftkit train compare-methods   # several methods, same data and budget, one report"),
     "eval": (cmd_eval, "evaluate a model or a run on eval tasks; prints a table and writes eval.json",
              "examples:\n  peftkit eval smollm2-135m --tasks sst2,e2e --limit 50\n"
              "  peftkit eval smollm2-135m --tasks sst2 --shots 4\n"

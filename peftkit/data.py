@@ -41,10 +41,13 @@ SST2_LABELS = {"0": "negative", "1": "positive"}
 
 
 def data_root() -> Path:
-    """`$PEFTKIT_DATA`, else the `shared/data` folder beside a source checkout."""
+    """`$PEFTKIT_DATA`, else the `shared/data` folder beside a source checkout (or beside one of
+    its parent folders)."""
     if env := os.environ.get("PEFTKIT_DATA"):
         return Path(env).expanduser()
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    checkout = Path(__file__).resolve().parent.parent
+    beside = [parent / "shared" / "data" for parent in checkout.parents]
+    return next((path for path in beside if path.is_dir()), beside[0])
 
 
 def resolve_source(train: str) -> tuple[Path, str | None]:

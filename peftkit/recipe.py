@@ -21,14 +21,20 @@ from peftkit.presets import builtin_dir, builtin_names, read_yaml
 
 @dataclass
 class DataConfig:
-    train: str = "alpaca"  # a data name (alpaca, sst2, e2e, gsm8k), a local JSON/JSONL/CSV/TSV file, or a hub id
-    format: str | None = None  # alpaca | chat | text | sst2 | e2e | gsm8k; None: the data name's own format
+    # a data name (alpaca, sst2, e2e, gsm8k) or a local JSON/JSONL/CSV/TSV file; a list mixes several sources
+    train: str | list[str] = "alpaca"
+    format: str | None = None  # alpaca | chat | text | sst2 | e2e | gsm8k; None: each data name's own format
     max_length: int = 512  # tokens per example; longer completions are cut, keeping the end-of-turn
     eval_fraction: float | None = None  # held-out share, never trained on; None: the eval task's (0.05, E2E 0.2 of mrs)
     packing: bool = False  # pack examples into max_length rows; they never attend to each other
-    limit: int | None = None  # use at most this many training examples (after the split)
+    limit: int | None = None  # use at most this many training examples of each source (after the split)
+
+    @property
+    def sources(self) -> list[str]:
+        return [self.train] if isinstance(self.train, str) else list(self.train)
 
     def check(self) -> None:
+        _require(bool(self.sources), "data.train", "needs at least one data source", self.train)
         _require(16 <= self.max_length <= 1_000_000, "data.max_length", "must be between 16 and 1000000",
                  self.max_length)
         _require(self.eval_fraction is None or 0 < self.eval_fraction < 1, "data.eval_fraction",
@@ -90,9 +96,18 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: str = "runs/run"  # the run directory
+    # A comparison: run name -> recipe overrides, e.g. {qlora: {adapter: qlora}, lora-peft: {impl: peft}}.
+    # Each trains into output/<name> with everything else shared; a report on all lands in output/report.
+    methods: dict = field(default_factory=dict)
 
     def check(self) -> None:
         """Every check that needs no model: values, the adapter preset, data file, eval tasks."""
+        if self.methods:
+            method_recipes(self)  # builds and checks every method's recipe
+            return
+        self._check_run()
+
+    def _check_run(self) -> None:
         from peftkit.api import resolve_adapter
         from peftkit.data import FORMATS, resolve_source
 
@@ -103,11 +118,12 @@ class Recipe:
             resolve_adapter(self.adapter, **self.adapter_overrides)
         except ConfigError as exc:
             raise ConfigError(f"adapter: {exc}") from None
-        path, default_format = resolve_source(self.data.train)
-        _require(path.is_file(), "data.train", "no such file (set PEFTKIT_DATA to the data folder, or give a path)",
-                 str(path))
-        fmt = self.data.format or default_format
-        _require(fmt in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)}", fmt)
+        for source in self.data.sources:
+            path, default_format = resolve_source(source)
+            _require(path.is_file(), "data.train", "no such file (set PEFTKIT_DATA to the data folder, or give a path)",
+                     str(path))
+            fmt = self.data.format or default_format
+            _require(fmt in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)} (for {source})", fmt)
         if self.eval.tasks:
             from peftkit.evaluation import task_names
 
@@ -119,6 +135,42 @@ class Recipe:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def method_recipes(recipe: Recipe) -> dict[str, Recipe]:
+    """The single-run recipe of each entry of `recipe.methods`, validated; errors name the method.
+
+    A method's mapping is merged into the shared recipe key by key (sections such as `train`
+    are merged, `adapter` is replaced whole), and its output is `<output>/<name>`.
+    """
+    shared = {k: v for k, v in recipe.to_dict().items() if k != "methods"}
+    runs = {}
+    for name, overrides in recipe.methods.items():
+        where = f"methods.{name}"
+        _require(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), "methods",
+                 "run names must be letters, digits, - and _", name)
+        _require(isinstance(overrides, dict), where, "expected a mapping of recipe overrides", overrides)
+        _require("output" not in overrides and "methods" not in overrides, where,
+                 "cannot set output or methods (each method trains into <output>/<name>)", sorted(overrides))
+        values = _merge(shared, overrides)
+        values["output"] = str(Path(recipe.output) / name)
+        try:
+            run = build(Recipe, values, "")
+            run._check_run()
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        runs[name] = run
+    return runs
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if key != "adapter" and isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _require(ok: bool, key: str, rule: str, value: Any) -> None:

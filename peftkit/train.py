@@ -48,12 +48,7 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
         TrainingDiverged: the loss became NaN or infinite.
     """
     out = Path(recipe.output)
-    data_path, default_format = resolve_source(recipe.data.train)
-    fmt = recipe.data.format or default_format
-    if fmt is None:
-        raise ConfigError(f"data.format: required for {recipe.data.train} (alpaca, chat, text, sst2, e2e or gsm8k)")
-    if not data_path.is_file():
-        raise ConfigError(f"data.train: {data_path} does not exist: fix the path or set PEFTKIT_DATA")
+    sources = data_sources(recipe)
     adapter_cfg = resolve_adapter(recipe.adapter, **recipe.adapter_overrides)
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or each of N data-parallel ones (joins their group)
     if state.is_main_process:
@@ -66,7 +61,7 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     started = time.perf_counter()
     set_seed(recipe.train.seed)  # the adapter's random init too: same seed, same run
     model, tokenizer = load_model(recipe.model, dtype=train_dtype(recipe.train.precision))
-    train_set, eval_set, stats = build_datasets(recipe, tokenizer, data_path, fmt)
+    train_set, eval_set, stats = build_datasets(recipe, tokenizer, sources)
     if recipe.impl == "peft":
         from peftkit.peft_backend import apply_peft, load_peft_weights, save_peft
 
@@ -129,29 +124,55 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) 
     return None
 
 
-def build_datasets(recipe: Recipe, tokenizer, path: Path, fmt: str) -> tuple[Dataset, Dataset | None, DataStats]:
-    """Read, split (deterministically), limit and tokenise the training data."""
-    rows = read_rows(path)
-    # The same splits (fractions and seeds) as the eval tasks' held-out parts, so no run trains
-    # on what `peftkit eval` scores it on; the seeds are fixed, independent of train.seed.
+def data_sources(recipe: Recipe) -> list[tuple[str, Path, str]]:
+    """(name, file, format) of each training source, checked to exist."""
+    found = []
+    for source in recipe.data.sources:
+        path, default_format = resolve_source(source)
+        fmt = recipe.data.format or default_format
+        if fmt is None:
+            raise ConfigError(f"data.format: required for {source} (alpaca, chat, text, sst2, e2e or gsm8k)")
+        if not path.is_file():
+            raise ConfigError(f"data.train: {path} does not exist: fix the path or set PEFTKIT_DATA")
+        found.append((source, path, fmt))
+    return found
+
+
+def build_datasets(recipe: Recipe, tokenizer, sources: list[tuple[str, Path, str]]
+                   ) -> tuple[Dataset, Dataset | None, DataStats]:
+    """Read, split (deterministically), limit and tokenise each source; mixed sources are concatenated
+    (the trainer's seeded sampler shuffles them together)."""
+    columns: dict[str, list] = {"input_ids": [], "labels": []}
+    held_columns: dict[str, list] = {"input_ids": [], "labels": []}
+    stats = DataStats()
+    for name, path, fmt in sources:
+        train_rows, held_rows = split_rows(read_rows(path), fmt, recipe.data.eval_fraction)
+        if recipe.data.limit:
+            train_rows = train_rows[: recipe.data.limit]
+        part, part_stats = tokenize_rows(tokenizer, train_rows, fmt, recipe.data.max_length)
+        if not part["input_ids"]:
+            raise ConfigError(f"data.train: no usable example in {path} at max_length {recipe.data.max_length}: "
+                              f"raise data.max_length")
+        held, _ = tokenize_rows(tokenizer, held_rows, fmt, recipe.data.max_length)
+        for target, new in ((columns, part), (held_columns, held)):
+            for key in target:
+                target[key] += new[key]
+        for key, value in dataclasses.asdict(part_stats).items():
+            setattr(stats, key, getattr(stats, key) + value)
+        logger.info("data %s: %d training examples (%d truncated, %d dropped), %d held out", name,
+                    part_stats.examples, part_stats.truncated, part_stats.dropped, len(held_rows))
+    held_set = Dataset.from_dict(held_columns) if held_columns["input_ids"] else None
+    return Dataset.from_dict(columns), held_set, stats
+
+
+def split_rows(rows: list, fmt: str, fraction: float | None) -> tuple[list, list]:
+    """(training rows, held-out rows): the same splits (fractions and seeds) as the eval tasks'
+    held-out parts, so no run trains on what `peftkit eval` scores it on; the seeds are fixed,
+    independent of train.seed."""
     if fmt == "e2e":
-        train_rows, held_rows = e2e_split(rows, recipe.data.eval_fraction or E2E_HELDOUT, seed=0)
-    else:
-        train_idx, held_idx = split_heldout(len(rows), recipe.data.eval_fraction or HELDOUT, seed=SPLIT_SEED)
-        train_rows, held_rows = [rows[i] for i in train_idx], [rows[i] for i in held_idx]
-    if recipe.data.limit:
-        train_rows = train_rows[: recipe.data.limit]
-    columns, stats = tokenize_rows(tokenizer, train_rows, fmt, recipe.data.max_length)
-    if not columns["input_ids"]:
-        raise ConfigError(f"data.train: no usable example in {path} at max_length {recipe.data.max_length}: "
-                          f"raise data.max_length")
-    held = None
-    if held_rows:
-        held_columns, _ = tokenize_rows(tokenizer, held_rows, fmt, recipe.data.max_length)
-        held = Dataset.from_dict(held_columns) if held_columns["input_ids"] else None
-    logger.info("data: %d training examples (%d truncated, %d dropped), %d held out", stats.examples,
-                stats.truncated, stats.dropped, len(held_rows))
-    return Dataset.from_dict(columns), held, stats
+        return e2e_split(rows, fraction or E2E_HELDOUT, seed=0)
+    train_idx, held_idx = split_heldout(len(rows), fraction or HELDOUT, seed=SPLIT_SEED)
+    return [rows[i] for i in train_idx], [rows[i] for i in held_idx]
 
 
 def sft_config(recipe: Recipe, out: Path, padding_free: bool = False):
@@ -193,12 +214,12 @@ def run_eval(recipe: Recipe, model, tokenizer, out: Path) -> dict[str, Any]:
 def write_card(directory: Path, recipe: Recipe, cfg: Any, trainable: tuple[int, int], metrics: dict) -> None:
     from peftkit.card import render_card
 
-    notes = [f"Trained with peftkit (impl: {recipe.impl}) on {recipe.data.train}, format "
+    notes = [f"Trained with peftkit (impl: {recipe.impl}) on {' + '.join(recipe.data.sources)}, format "
              f"{recipe.data.format or 'default'}, max_length {recipe.data.max_length}; recipe in ../recipe.yaml."]
     hyper = {**dataclasses.asdict(cfg), "lr": recipe.train.lr, "epochs": recipe.train.epochs,
              "max_steps": recipe.train.max_steps, "batch_size": recipe.train.batch_size * recipe.train.grad_accum}
     (directory / "README.md").write_text(render_card(base_model=recipe.model, method=cfg.method, hyperparameters=hyper,
-                                                     trainable=trainable, data=recipe.data.train,
+                                                     trainable=trainable, data=recipe.data.sources,
                                                      metrics=metrics, notes=notes))
 
 

@@ -216,3 +216,26 @@ def test_smollm2_batched_generation_equals_one_by_one(smol):
     batched = generate(model, tokenizer, prompts, settings, batch_size=2, progress=False)
     assert batched == [generate(model, tokenizer, [p], settings, progress=False)[0] for p in prompts]
     assert all(len(text.split()) >= 3 for text in batched)
+
+
+def test_peft_prefix_generation_is_skipped_because_peft_drops_the_prefix(tiny):
+    """peft 0.21's prefix-tuning generate() ignores the prefix under transformers 5; the day it stops
+    doing so, the first assertion fails and the skip in `refuse_peft_prefix` should go."""
+    from peft import PrefixTuningConfig, get_peft_model
+
+    model, tokenizer = tiny
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    base = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    wrapped = get_peft_model(model, PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+    with torch.no_grad():
+        for param in wrapped.parameters():
+            if param.requires_grad:
+                param.mul_(5)  # a prefix loud enough to change the next token
+        prefixed_next = wrapped(input_ids=ids).logits[0, -1].argmax().item()
+    generated = wrapped.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+    assert prefixed_next != base[0, 5].item()  # the prefix changes the next token in a forward pass...
+    assert torch.equal(generated, base)  # ...but generate() returns the base model's tokens
+    report = evaluate_model(wrapped, tokenizer, "e2e,alpaca-heldout", limit=2, generation=QUICK, progress=False)
+    assert report["tasks"]["e2e"]["metrics"] == {} and "drops prefix-tuning" in report["tasks"]["e2e"]["skipped"]
+    assert report["tasks"]["alpaca-heldout"]["metrics"]["loss"] > 0  # scoring tasks still run
+    assert "skipped: peft's generate()" in format_table(report)

@@ -92,6 +92,8 @@ def test_loss_curves_equal_peft_and_bitsandbytes(tmp_path):
     directory = peftkit.save_adapter(model, tmp_path / "init")
     reference = PeftModel.from_pretrained(bnb_model("tiny-llama"), directory, is_trainable=True)
     assert peftkit.trainable_parameters(model)[0] == reference.get_nb_trainable_parameters()[0]
+    # the total counts 4-bit weights at their logical size in both (bitsandbytes packs 2 per element)
+    assert peftkit.trainable_parameters(reference) == peftkit.trainable_parameters(model)
     ours, theirs = train_losses(model), train_losses(reference)
     assert ours[-1] < ours[0] - 0.05
     assert max(abs(a - b) for a, b in zip(ours, theirs)) <= 1e-3

@@ -34,6 +34,20 @@ def hf_generation_config(settings: GenerationSettings, pad: int, stops: list[int
                             **{k: v for k, v in sampling.items() if v is not None})
 
 
+class GenerationUnsupported(Exception):
+    """This model cannot generate faithfully; generation tasks are skipped with this reason."""
+
+
+def refuse_peft_prefix(model: nn.Module) -> None:
+    """peft's prefix-tuning `generate` builds the prefix only when no cache is passed in, and
+    transformers 5 always passes one: the output is the base model's, not the adapter's."""
+    config = getattr(model, "active_peft_config", None)
+    if str(getattr(config, "peft_type", "")).endswith("PREFIX_TUNING"):
+        raise GenerationUnsupported("peft's generate() drops prefix-tuning's virtual tokens with transformers 5 "
+                                    "(it would score the base model); the peftkit run of this method generates "
+                                    "with them")
+
+
 @torch.inference_mode()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
              settings: GenerationSettings, batch_size: int = 8, desc: str | None = None,
@@ -51,6 +65,7 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     Returns:
         The decoded new text of each prompt, stripped, in the order of `prompts`.
     """
+    refuse_peft_prefix(model)
     device = next(model.parameters()).device
     padding = pad_id(tokenizer)
     config = hf_generation_config(settings, padding, stop_ids(model, tokenizer))

@@ -68,7 +68,7 @@ def format_table(report: dict[str, Any]) -> str:
     rows = [("task", "shots", "n", "metrics", "seconds")]
     for name, task in report["tasks"].items():
         shots = task["settings"].get("shots")
-        metrics = "  ".join(f"{k} {_value(k, v)}" for k, v in task["metrics"].items())
+        metrics = "  ".join(f"{k} {_value(k, v)}" for k, v in task["metrics"].items()) or f"skipped: {task.get('skipped')}"
         seconds = f"{task['seconds']:.1f}" + (" (cached)" if task.get("cached") else "")
         rows.append((name, "-" if shots is None else str(shots), str(task["n"]), metrics, seconds))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

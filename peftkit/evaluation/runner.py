@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 from peftkit.errors import ConfigError
 from peftkit.evaluation import cache
 from peftkit.evaluation.data import default_data_root, resolve_file
+from peftkit.evaluation.generation import GenerationUnsupported
 from peftkit.evaluation.spec import GenerationSettings, TaskResult, TaskSpec, load_spec
 from peftkit.presets import build_config
 
@@ -147,7 +148,13 @@ def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
         else:
             logger.info("%s: evaluating%s", spec.name, f" (limit {limit})" if limit else "")
             task_start = time.perf_counter()
-            result = run_task(model, tokenizer, spec, limit, progress)
+            try:
+                result = run_task(model, tokenizer, spec, limit, progress)
+            except GenerationUnsupported as exc:
+                logger.warning("%s: skipped: %s", spec.name, exc)
+                results[spec.name] = {"metrics": {}, "n": 0, "seconds": 0.0, "cached": False, "skipped": str(exc),
+                                      "settings": {**dataclasses.asdict(spec), "limit": limit}}
+                continue
             seconds = time.perf_counter() - task_start
             if use_cache:
                 cache.store(directory, spec, key, result, seconds)
