@@ -113,6 +113,20 @@ def cmd_merge(args: argparse.Namespace) -> None:
         print(f"warning: {record['warning']}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from peftkit.export import export
+
+    record = export(args.source, fmt=args.format, outtype=args.outtype, out=args.out, base=args.base,
+                    overwrite=args.overwrite)
+    print(f"wrote {record['path']} ({record['bytes'] / 2**20:.1f} MiB, {record['outtype']})")
+    print(f"reloaded with transformers' GGUF loader on {record['prompts']} prompts: max |logit diff| "
+          f"{record['max_logit_diff']:.2e}, top-1 agreement {100 * record['top1_agreement']:.2f}%, greedy "
+          f"generations equal {record['greedy_generations_equal']}, tokenizer round trip "
+          f"{record['tokenizer_round_trip']}")
+    if record["warning"]:
+        print(f"warning: {record['warning']}")
+
+
 def cmd_compare(args: argparse.Namespace) -> None:
     from peftkit.compare import compare
 
@@ -135,6 +149,10 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
               "examples:\n  peftkit merge runs/lora-alpaca --out merged/lora-alpaca\n"
               "  peftkit merge runs/qlora-alpaca --out merged/q --dtype bf16\n"
               "  peftkit merge runs/qlora-alpaca --out merged/q-orig --base original   # the QLoRA merge gap"),
+    "export": (cmd_export, "write a model, or an adapter merged into its base, as a GGUF file, and check it",
+               "examples:\n  peftkit export runs/lora-alpaca --format gguf\n"
+               "  peftkit export runs/lora-alpaca --format gguf --outtype q8_0 --out lora-alpaca.q8_0.gguf\n"
+               "  peftkit export merged/lora-alpaca --format gguf   # a directory from peftkit merge"),
     "compare": (cmd_compare, "compare run directories in a Markdown table and an offline HTML page with plots",
                 "example:\n  peftkit compare runs/lora-alpaca runs/lora-alpaca-peft runs/qlora-alpaca --out reports/x"),
     "demo": (cmd_demo, "load a model, apply an adapter, merge it and generate an answer",
@@ -180,6 +198,16 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", default="4bit", choices=["4bit", "original"],
                        help="QLoRA only: merge into the dequantised 4-bit base it was trained on, or the original")
     merge.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    exp = sub.choices["export"]
+    exp.add_argument("source", metavar="RUN_OR_DIR",
+                     help="a run, adapter or model directory (adapters are merged into their base first)")
+    exp.add_argument("--format", default="gguf", choices=["gguf"], help="file format")
+    exp.add_argument("--outtype", default="f16", choices=["f16", "q8_0", "f32"],
+                     help="weight type: f16, q8_0 (8-bit blocks of 32) or f32; norms stay f32")
+    exp.add_argument("--out", help="the .gguf file to write; unset: <name>-<outtype>.gguf in the run or model dir")
+    exp.add_argument("--base", default="4bit", choices=["4bit", "original"],
+                     help="QLoRA only: merge into the dequantised 4-bit base it was trained on, or the original")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
     comp = sub.choices["compare"]
     comp.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by peftkit train")
     comp.add_argument("--out", required=True, help="directory for report.md and report.html")

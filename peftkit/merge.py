@@ -96,18 +96,11 @@ def merge_to_dir(source: str | Path, out: str | Path, *, dtype: str = "fp32", ba
         raise ConfigError(f"--base must be 4bit or original, got {base!r}")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
-    adapter_dir, base_name = resolve_source(source)
-    model, tokenizer = load_model(base_name, dtype="fp32", device="cpu")
-    adapted = load_adapter(model, adapter_dir)
+    adapted, tokenizer, base_name, adapter_dir = load_adapted(source)
     cfg = adapted.peftkit_config
-    if cfg.method != "lora":
-        raise AdapterError(f"{cfg.method} adapters cannot be merged: virtual tokens are inputs, not weight updates; "
-                           f"ship the adapter directory {adapter_dir} and load it with peftkit or peft")
     batches = heldout_batches(tokenizer)
     before, ppl_before = measure(adapted, batches)
-    if getattr(cfg, "quantize", None) and base == "original":
-        adapted = _reload_on_original_base(base_name, adapter_dir, cfg)
-    merged = merge_adapter(adapted, unload=True)
+    merged = merge_loaded(adapted, base_name, adapter_dir, base)
     after, ppl_after = measure(merged, batches)
     merged = merged.to(DTYPES[dtype])
     record = {
@@ -124,6 +117,32 @@ def merge_to_dir(source: str | Path, out: str | Path, *, dtype: str = "fp32", ba
         logger.warning("merge fidelity: %s", record["warning"])
     _save(merged, tokenizer, out, record, overwrite)
     return record
+
+
+def load_adapted(source: str | Path) -> tuple[nn.Module, object, str, Path]:
+    """(base model with the adapter applied, tokenizer, base model name, adapter directory) in fp32
+    on the CPU, for a run or adapter directory whose adapter can be merged.
+
+    Raises:
+        AdapterError: a prefix or prompt adapter (cannot merge), or an unreadable adapter.
+    """
+    adapter_dir, base_name = resolve_source(source)
+    model, tokenizer = load_model(base_name, dtype="fp32", device="cpu")
+    adapted = load_adapter(model, adapter_dir)
+    cfg = adapted.peftkit_config
+    if cfg.method != "lora":
+        raise AdapterError(f"{cfg.method} adapters cannot be merged: virtual tokens are inputs, not weight updates; "
+                           f"ship the adapter directory {adapter_dir} and load it with peftkit or peft")
+    return adapted, tokenizer, base_name, adapter_dir
+
+
+def merge_loaded(adapted: nn.Module, base_name: str, adapter_dir: Path, base: str = "4bit") -> nn.Module:
+    """Fold the adapter in and return a plain transformers model. A QLoRA adapter goes into the
+    dequantised 4-bit base it was trained on (`base="4bit"`) or into the original weights."""
+    cfg = adapted.peftkit_config
+    if getattr(cfg, "quantize", None) and base == "original":
+        adapted = _reload_on_original_base(base_name, adapter_dir, cfg)
+    return merge_adapter(adapted, unload=True)
 
 
 def _reload_on_original_base(base_name: str, adapter_dir: Path, cfg) -> nn.Module:

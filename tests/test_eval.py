@@ -165,6 +165,17 @@ def test_cli_run_directory_writes_and_merges_eval_json(tmp_path, capsys):
     assert list(merged["tasks"]) == ["sst2", "alpaca-heldout"]  # the earlier task is kept
 
 
+def test_cli_run_directory_takes_the_recipes_shots_and_limit(tmp_path, capsys):
+    run = make_run(tmp_path)
+    (run / "recipe.yaml").write_text("model: tiny-llama\nadapter: lora\neval: {tasks: [sst2], shots: 2, limit: 3}\n")
+    assert main(["eval", str(run)]) == 0
+    task = json.loads((run / "eval.json").read_text())["tasks"]["sst2"]
+    assert task["n"] == 3 and task["settings"]["shots"] == 2 and task["settings"]["limit"] == 3
+    assert main(["eval", str(run), "--limit", "2", "--shots", "0"]) == 0  # the command line wins
+    task = json.loads((run / "eval.json").read_text())["tasks"]["sst2"]
+    assert task["n"] == 2 and task["settings"]["shots"] == 0
+
+
 def test_cli_model_with_adapter_and_out(tmp_path, capsys):
     run = make_run(tmp_path)
     out = tmp_path / "elsewhere" / "eval.json"

@@ -19,8 +19,8 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and (path / "recipe.yaml").is_file()
 
 
-def _run_parts(run: Path) -> tuple[str, Path, list[str] | None]:
-    """(base model, adapter directory, the recipe's eval tasks) of a run directory."""
+def _run_parts(run: Path) -> tuple[str, Path, dict]:
+    """(base model, adapter directory, the recipe's eval section) of a run directory."""
     recipe = read_yaml(run / "recipe.yaml")
     model = recipe.get("model")
     if not isinstance(model, str) or not model:
@@ -30,8 +30,7 @@ def _run_parts(run: Path) -> tuple[str, Path, list[str] | None]:
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"run {run} has no adapter/adapter_config.json: finish training first, or pass the base "
                           f"model and --adapter DIR")
-    tasks = (recipe.get("eval") or {}).get("tasks") if isinstance(recipe.get("eval"), dict) else None
-    return model, adapter, tasks
+    return model, adapter, recipe.get("eval") if isinstance(recipe.get("eval"), dict) else {}
 
 
 def eval_command(target: str, tasks: str | None = None, adapter: str | None = None, out: str | None = None,
@@ -41,7 +40,8 @@ def eval_command(target: str, tasks: str | None = None, adapter: str | None = No
 
     Args:
         target: a registry name, model directory or hub id; or a run directory.
-        tasks: comma-separated task names or YAML paths; for a run, None takes the recipe's `eval.tasks`.
+        tasks: comma-separated task names or YAML paths; for a run, None takes the recipe's `eval.tasks`
+            (and `shots` / `limit` left unset take the recipe's too).
         adapter: an adapter directory to apply to a model (not to a run, which has its own).
         out: where to write eval.json; None: `<run>/eval.json` for a run, `./eval.json` otherwise.
         dtype, device: as in `peftkit.load_model`.
@@ -61,8 +61,11 @@ def eval_command(target: str, tasks: str | None = None, adapter: str | None = No
         if adapter is not None:
             raise ConfigError(f"{run} is a run directory with its own adapter: drop --adapter, or evaluate the base "
                               f"model with --adapter DIR")
-        base, adapter_dir, recipe_tasks = _run_parts(run)
-        tasks = tasks or (",".join(recipe_tasks) if recipe_tasks else None)
+        base, adapter_dir, recipe_eval = _run_parts(run)
+        tasks = tasks or (",".join(recipe_eval["tasks"]) if recipe_eval.get("tasks") else None)
+        for key in ("shots", "limit"):  # what the recipe evaluated with, unless given
+            if options.get(key) is None and recipe_eval.get(key) is not None:
+                options[key] = recipe_eval[key]
         default_out = run / "eval.json"
     else:
         base, adapter_dir = target, Path(adapter).expanduser() if adapter else None
