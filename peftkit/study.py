@@ -12,12 +12,8 @@ checkpoint, and trains the rest; the report is rewritten at the end.
 """
 
 import logging
-import shutil
 from pathlib import Path
 
-import yaml
-
-from peftkit.errors import ConfigError
 from peftkit.recipe import Recipe, method_recipes, save_resolved
 
 logger = logging.getLogger(__name__)
@@ -31,23 +27,12 @@ def train_methods(recipe: Recipe, *, source: str = "recipe", resume: bool = Fals
         ConfigError: the output exists (without overwrite/resume), or resuming with a changed recipe.
     """
     from peftkit.compare import compare
-    from peftkit.train import train
+    from peftkit.train import claim_output, train
 
     runs = method_recipes(recipe)
     out = Path(recipe.output)
-    saved = out / "recipe.yaml"
-    if resume:
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {out} holds no comparison (no recipe.yaml): start it without --resume")
-        if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(recipe.to_dict())):
-            raise ConfigError(f"--resume: the recipe differs from {saved}: resume with the same recipe and overrides")
-    elif out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ConfigError(f"output directory {out} already exists: pass --overwrite to replace it, --resume to "
-                              f"continue it, or set output=another/dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_resolved(recipe, saved, source)
+    claim_output(out, recipe, resume=resume, overwrite=overwrite, holds="comparison")
+    save_resolved(recipe, out / "recipe.yaml", source)
 
     for index, (name, run) in enumerate(runs.items(), 1):
         run_dir = Path(run.output)

@@ -103,25 +103,32 @@ def train_dtype(precision: str) -> torch.dtype:
 
 def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> Path | None:
     """Guard the run directory; return the checkpoint to resume from, if any."""
+    claim_output(out, recipe, resume=resume, overwrite=overwrite)
+    if not resume:
+        return None
+    found = checkpoints(out / "checkpoints")
+    if not found:
+        raise ConfigError(f"--resume: {out}/checkpoints holds no checkpoint yet: rerun with --overwrite")
+    logger.info("resuming from %s", found[-1])
+    return found[-1]
+
+
+def claim_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool, holds: str = "run") -> None:
+    """Resuming: `out` must hold the same recipe. Otherwise `out` must be empty or absent, or
+    `overwrite` given (then it is cleared); it exists afterwards."""
+    saved = out / "recipe.yaml"
     if resume:
-        saved = out / "recipe.yaml"
         if not saved.is_file():
-            raise ConfigError(f"--resume: {out} holds no run (no recipe.yaml): start it without --resume")
-        previous = yaml.safe_load(saved.read_text())
-        if previous != yaml.safe_load(yaml.safe_dump(recipe.to_dict())):
+            raise ConfigError(f"--resume: {out} holds no {holds} (no recipe.yaml): start it without --resume")
+        if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(recipe.to_dict())):
             raise ConfigError(f"--resume: the recipe differs from {saved}: resume with the same recipe and overrides")
-        found = checkpoints(out / "checkpoints")
-        if not found:
-            raise ConfigError(f"--resume: {out}/checkpoints holds no checkpoint yet: rerun with --overwrite")
-        logger.info("resuming from %s", found[-1])
-        return found[-1]
+        return
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise ConfigError(f"output directory {out} already exists: pass --overwrite to replace it, --resume to "
                               f"continue it, or set output=another/dir")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    return None
 
 
 def data_sources(recipe: Recipe) -> list[tuple[str, Path, str]]:
