@@ -35,6 +35,7 @@ class RunSummary:
     wall_time_s: float = float("nan")
     adapter_bytes: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # eval task -> why it was not scored
 
     @property
     def trainable_pct(self) -> float:
@@ -74,8 +75,10 @@ def summarize(run: Path) -> RunSummary:
                           f"pass directories written by peftkit train")
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     system = _json(run / "system.json")
-    metrics = {}
+    metrics, skipped = {}, {}
     for task, result in (_json(run / "eval.json").get("tasks") or {}).items():
+        if result.get("skipped"):
+            skipped[task] = result["skipped"]
         for key, value in (result.get("metrics") or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[f"{task}/{key}"] = float(value)
@@ -92,7 +95,21 @@ def summarize(run: Path) -> RunSummary:
         peak_memory_mb=system.get("peak_memory_mb", float("nan")), tokens_per_s=system.get("tokens_per_s", float("nan")),
         wall_time_s=system.get("wall_time_s", float("nan")),
         adapter_bytes=sum(p.stat().st_size for p in (run / "adapter").iterdir() if p.suffix == ".safetensors"),
-        losses=losses)
+        losses=losses, skipped=skipped)
+
+
+def setup_line(runs: list[RunSummary]) -> str:
+    """What the runs share (model, data, budget, seed), or that they differ."""
+    def setup(run: RunSummary) -> str:
+        data, train = run.recipe.get("data") or {}, run.recipe.get("train") or {}
+        sources = data.get("train")
+        sources = " + ".join(sources) if isinstance(sources, list) else sources
+        limit = f", at most {data['limit']} examples each" if data.get("limit") else ""
+        steps = f"{train['max_steps']} steps" if train.get("max_steps", -1) > 0 else f"{train.get('epochs', 1)} epochs"
+        return (f"model {run.recipe.get('model')}; data {sources}{limit}, max_length {data.get('max_length')}; "
+                f"{steps} x batch {train.get('batch_size', 8) * train.get('grad_accum', 1)}; seed {train.get('seed')}")
+    setups = {setup(r) for r in runs}
+    return f"Shared setup: {setups.pop()}." if len(setups) == 1 else "The runs differ in model, data or budget."
 
 
 def pairs(runs: list[RunSummary]) -> list[tuple[RunSummary, RunSummary]]:
@@ -109,7 +126,7 @@ def _fmt(value: float, digits: int = 4) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
 
 
-COLUMNS = ["run", "method", "impl", "trainable", "% of base", "peak MiB", "train tok/s", "wall s", "adapter MiB"]
+COLUMNS = ["run", "method", "impl", "lr", "trainable", "% of base", "peak MiB", "train tok/s", "wall s", "adapter MiB"]
 
 
 def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
@@ -117,7 +134,8 @@ def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
     header = COLUMNS + metric_names + ["final loss"]
     rows = []
     for r in runs:
-        rows.append([r.name, r.method, r.impl, f"{r.trainable:,}", f"{r.trainable_pct:.2f}", _fmt(r.peak_memory_mb),
+        rows.append([r.name, r.method, r.impl, _fmt((r.recipe.get("train") or {}).get("lr", float("nan")), 2),
+                     f"{r.trainable:,}", f"{r.trainable_pct:.2f}", _fmt(r.peak_memory_mb),
                      _fmt(r.tokens_per_s), _fmt(r.wall_time_s), f"{r.adapter_bytes / 2**20:.2f}"]
                     + [_fmt(r.metrics.get(m, float("nan"))) for m in metric_names]
                     + [_fmt(r.losses[-1][1]) if r.losses else "-"])
@@ -146,9 +164,12 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def render_markdown(runs: list[RunSummary], command: str) -> str:
-    parts = ["# PEFT methods compared", "", f"Produced by `{command}`.", "", markdown_table(*table_rows(runs))]
+    parts = ["# PEFT methods compared", "", f"Produced by `{command}`.", "", setup_line(runs), "",
+             markdown_table(*table_rows(runs))]
     if pairs(runs):
         parts += ["", "## peftkit vs peft, same recipe", "", markdown_table(*pair_rows(runs))]
+    if any(r.skipped for r in runs):
+        parts += ["", "## Not scored", ""] + [f"- {r.name}: {task}: {why}" for r in runs for task, why in r.skipped.items()]
     parts += ["", "Loss curves: see report.html."]
     return "\n".join(parts) + "\n"
 
@@ -213,9 +234,13 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 def render_html(runs: list[RunSummary], command: str) -> str:
     metrics = sorted({m for r in runs for m in r.metrics})
     sections = [f"<h1>PEFT methods compared</h1><p>Produced by <code>{html.escape(command)}</code>.</p>",
-                html_table(*table_rows(runs)), "<h2>Training loss</h2>", loss_svg(runs)]
+                f"<p>{html.escape(setup_line(runs))}</p>", html_table(*table_rows(runs)), "<h2>Training loss</h2>",
+                loss_svg(runs)]
     if pairs(runs):
         sections += ["<h2>peftkit vs peft, same recipe</h2>", html_table(*pair_rows(runs))]
+    if any(r.skipped for r in runs):
+        items = "".join(f"<li>{html.escape(f'{r.name}: {task}: {why}')}</li>" for r in runs for task, why in r.skipped.items())
+        sections += [f"<h2>Not scored</h2><ul>{items}</ul>"]
     if metrics:
         sections += ["<h2>Task metrics</h2>"] + [bars_svg(runs, m) for m in metrics]
     style = ("body{font-family:sans-serif;margin:24px;color:#222;background:#fafafa}"

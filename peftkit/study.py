@@ -2,17 +2,23 @@
 
     runs/compare-methods/
       recipe.yaml      the resolved shared recipe, methods included
+      methods/         each method's own resolved recipe (`peftkit train methods/lora.yaml` reruns one)
       lora/            one ordinary run directory per method (see peftkit.train)
       lora-peft/
       ...
       report/          report.md and report.html from `peftkit compare` over all of them
 
 `--resume` keeps the methods that finished, resumes the one that was interrupted from its last
-checkpoint, and trains the rest; the report is rewritten at the end.
+checkpoint, and trains the rest; the report is rewritten at the end. Each method trains in a
+process of its own, so its peak memory and speed are its own, not the previous method's.
 """
 
 import logging
+import subprocess
+import sys
 from pathlib import Path
+
+from peftkit.errors import PeftkitError
 
 from peftkit.recipe import Recipe, method_recipes, save_resolved
 
@@ -27,12 +33,13 @@ def train_methods(recipe: Recipe, *, source: str = "recipe", resume: bool = Fals
         ConfigError: the output exists (without overwrite/resume), or resuming with a changed recipe.
     """
     from peftkit.compare import compare
-    from peftkit.train import claim_output, train
+    from peftkit.train import claim_output
 
     runs = method_recipes(recipe)
     out = Path(recipe.output)
     claim_output(out, recipe, resume=resume, overwrite=overwrite, holds="comparison")
     save_resolved(recipe, out / "recipe.yaml", source)
+    (out / "methods").mkdir(exist_ok=True)
 
     for index, (name, run) in enumerate(runs.items(), 1):
         run_dir = Path(run.output)
@@ -41,7 +48,13 @@ def train_methods(recipe: Recipe, *, source: str = "recipe", resume: bool = Fals
             continue
         can_resume = resume and any((run_dir / "checkpoints").glob("checkpoint-*"))
         logger.info("[%d/%d] %s: %s", index, len(runs), name, "resuming" if can_resume else "training")
-        train(run, source=f"{source} (methods.{name})", resume=can_resume, overwrite=resume and not can_resume)
+        path = out / "methods" / f"{name}.yaml"
+        save_resolved(run, path, f"{source} (methods.{name})")
+        flags = ["--resume"] if can_resume else ["--overwrite"] if resume else []
+        done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(path), *flags])
+        if done.returncode != 0:
+            raise PeftkitError(f"method {name} failed (exit {done.returncode}, see above): fix it and rerun with "
+                               f"--resume to keep the methods that finished")
     report = compare([Path(run.output) for run in runs.values()], out / "report", overwrite=True,
                      command=command or f"peftkit train {source}")
     return report

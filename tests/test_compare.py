@@ -24,6 +24,8 @@ def runs(tmp_path_factory):
     dora = train(load_recipe(str(path), ["adapter=dora", f"output={tmp / 'dora'}"]))
     for run, accuracy in ((ours, 75.0), (theirs, 70.0), (dora, 80.0)):  # percentages, as `peftkit eval` writes
         (run / "eval.json").write_text(json.dumps({"tasks": {"sst2": {"metrics": {"accuracy": accuracy}}}}))
+    (dora / "eval.json").write_text(json.dumps({"tasks": {"sst2": {"metrics": {"accuracy": 80.0}},
+                                                          "e2e": {"metrics": {}, "skipped": "cannot generate"}}}))
     return [ours, theirs, dora]
 
 
@@ -41,6 +43,8 @@ def test_markdown_and_html(runs, tmp_path):
     markdown = (out / "report.md").read_text()
     assert "| lora | lora | peftkit |" in markdown and "| lora-peft | lora | peft |" in markdown
     assert "sst2/accuracy" in markdown and "lora vs lora-peft: sst2/accuracy | 75 | 70 | 5" in markdown
+    assert "Shared setup: model tiny-llama; data " in markdown and "; 4 steps x batch 4; seed 7." in markdown
+    assert "## Not scored\n\n- dora: e2e: cannot generate" in markdown
     page = (out / "report.html").read_text()
     assert page.count('class="plot"') == 2 and page.count("<polyline") == 3
     assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing to fetch
