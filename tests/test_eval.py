@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import peftkit
+from peftkit.data import data_root
 from peftkit.cli import main
 from peftkit.evaluation import evaluate_model, format_table, write_report
 from peftkit.evaluation.generation import generate
@@ -17,8 +18,8 @@ from peftkit.evaluation.spec import GenerationSettings
 from peftkit.evaluation.tasks.alpaca import alpaca_chat
 from tests.conftest import randomize_adapter
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+DATA = data_root()
+pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason="needs the data sets (../shared/data or $PEFTKIT_DATA)")
 TASKS = "sst2,e2e,gsm8k,alpaca-heldout"
 QUICK = {"max_new_tokens": 4}
 

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+from peftkit.data import data_root
 from peftkit.errors import ConfigError
 from peftkit.evaluation import chat_example, load_spec, prepare_specs, split_e2e, split_heldout
 from peftkit.evaluation.data import default_data_root, read_alpaca, read_e2e, read_gsm8k, read_sst2
@@ -11,8 +12,8 @@ from peftkit.evaluation.prompts import IGNORE_INDEX
 from peftkit.evaluation.splits import draw_balanced, group_references
 from peftkit.evaluation.tasks.alpaca import alpaca_chat
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs ../shared/data")
+DATA = data_root()
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason="needs the data sets (../shared/data or $PEFTKIT_DATA)")
 
 
 def write(tmp_path: Path, name: str, text: str) -> Path:

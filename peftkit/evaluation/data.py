@@ -17,15 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from peftkit.errors import ConfigError
-from peftkit.presets import PACKAGE_DIR
 
 
 def default_data_root() -> Path | None:
-    """`$PEFTKIT_DATA`, else `../shared/data` relative to the repository root, else None."""
-    if env := os.environ.get("PEFTKIT_DATA"):
-        return Path(env).expanduser()
-    beside_repo = PACKAGE_DIR.parent.parent / "shared" / "data"
-    return beside_repo if beside_repo.is_dir() else None
+    """`$PEFTKIT_DATA`, else the `shared/data` folder training reads (`peftkit.data.data_root`)
+    when it exists, else None."""
+    from peftkit.data import data_root
+
+    root = data_root()
+    return root if os.environ.get("PEFTKIT_DATA") or root.is_dir() else None
 
 
 def resolve_file(relative: str, root: Path | None, task: str) -> Path:
