@@ -1,5 +1,6 @@
 """Shared timing helpers for benchmarks: interleaved repetitions, medians, a JSON record."""
 
+import argparse
 import json
 import platform
 import statistics
@@ -10,6 +11,18 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def bench_args(doc: str | None, seq: int = 256, new_tokens: int | None = None) -> argparse.Namespace:
+    """The options every benchmark takes: model, repetitions, batch shape (and generation length)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=seq)
+    if new_tokens is not None:
+        parser.add_argument("--new-tokens", type=int, default=new_tokens)
+    return parser.parse_args()
 
 
 def timed(fn: Callable[[], object]) -> float:

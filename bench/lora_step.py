@@ -7,7 +7,6 @@ is forward + backward of the frozen model with only the embeddings' output requi
 the least any adapter touching every layer can cost. Generation is greedy, batch 1.
 """
 
-import argparse
 import os
 import sys
 
@@ -16,7 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peftkit  # noqa: E402
-from bench.common import interleaved, train_step, write_record  # noqa: E402
+from bench.common import bench_args, interleaved, train_step, write_record  # noqa: E402
 from peftkit.protocol import adapter_parameters  # noqa: E402
 
 CONFIGS = {
@@ -62,13 +61,7 @@ def generation(model, prompt, new_tokens):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    args = parser.parse_args()
+    args = bench_args(__doc__, seq=256, new_tokens=64)
     torch.manual_seed(0)
     vocab = load(args.model).config.vocab_size
     batch = torch.randint(3, vocab, (args.batch, args.seq))

@@ -9,7 +9,6 @@ prompt; peft's own generate is not timed, because peft 0.21 under transformers 5
 prefix in generate (it passes `past_key_values` beside generate's `cache`, which wins).
 """
 
-import argparse
 import os
 import sys
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peftkit  # noqa: E402
-from bench.common import interleaved, train_step, write_record  # noqa: E402
+from bench.common import bench_args, interleaved, train_step, write_record  # noqa: E402
 
 VIRTUAL_TOKENS = 20
 CONFIGS = {  # tag: (peftkit method, peftkit overrides, peft config)
@@ -56,13 +55,7 @@ def pair(name: str, tag: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    args = parser.parse_args()
+    args = bench_args(__doc__, seq=128, new_tokens=64)
     torch.manual_seed(0)
     vocab = load(args.model).config.vocab_size
     batch = torch.randint(3, vocab, (args.batch, args.seq))

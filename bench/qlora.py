@@ -9,7 +9,6 @@
 Everything is a median over interleaved repetitions, reported as peftkit / reference ratios.
 """
 
-import argparse
 import os
 import sys
 
@@ -17,7 +16,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peftkit  # noqa: E402
-from bench.common import interleaved, train_step, write_record  # noqa: E402
+from bench.common import bench_args, interleaved, train_step, write_record  # noqa: E402
 from peftkit.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 from peftkit.peft_backend import apply_peft  # noqa: E402
 from peftkit.qlora import weight_memory  # noqa: E402
@@ -29,12 +28,7 @@ ADAPTER = {"r": 16, "alpha": 32, "dropout": 0.0}
 def main() -> None:
     import bitsandbytes.functional as bnbf
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="smollm2-135m")
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--seq", type=int, default=256)
-    args = parser.parse_args()
+    args = bench_args(__doc__, seq=256)
 
     base, _ = peftkit.load_model(args.model, dtype="fp32", device="cpu")
     weights = [base.get_submodule(n).weight.data for n in linear_module_names(base)]
