@@ -61,7 +61,7 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     started = time.perf_counter()
     set_seed(recipe.train.seed)  # the adapter's random init too: same seed, same run
     model, tokenizer = load_model(recipe.model, dtype=train_dtype(recipe.train.precision))
-    train_set, eval_set, stats = build_datasets(recipe, tokenizer, sources)
+    train_set, stats = build_datasets(recipe, tokenizer, sources)
     if recipe.impl == "peft":
         from peftkit.peft_backend import apply_peft, load_peft_weights, save_peft
 
@@ -145,12 +145,11 @@ def data_sources(recipe: Recipe) -> list[tuple[str, Path, str]]:
     return found
 
 
-def build_datasets(recipe: Recipe, tokenizer, sources: list[tuple[str, Path, str]]
-                   ) -> tuple[Dataset, Dataset | None, DataStats]:
-    """Read, split (deterministically), limit and tokenise each source; mixed sources are concatenated
-    (the trainer's seeded sampler shuffles them together)."""
+def build_datasets(recipe: Recipe, tokenizer, sources: list[tuple[str, Path, str]]) -> tuple[Dataset, DataStats]:
+    """Read, split (deterministically), limit and tokenise each source's training part; mixed sources
+    are concatenated (the trainer's seeded sampler shuffles them together). The held-out parts are
+    left out here and scored by the eval tasks (`alpaca-heldout`, `e2e`), which split the same way."""
     columns: dict[str, list] = {"input_ids": [], "labels": []}
-    held_columns: dict[str, list] = {"input_ids": [], "labels": []}
     stats = DataStats()
     for name, path, fmt in sources:
         train_rows, held_rows = split_rows(read_rows(path), fmt, recipe.data.eval_fraction)
@@ -160,16 +159,13 @@ def build_datasets(recipe: Recipe, tokenizer, sources: list[tuple[str, Path, str
         if not part["input_ids"]:
             raise ConfigError(f"data.train: no usable example in {path} at max_length {recipe.data.max_length}: "
                               f"raise data.max_length")
-        held, _ = tokenize_rows(tokenizer, held_rows, fmt, recipe.data.max_length)
-        for target, new in ((columns, part), (held_columns, held)):
-            for key in target:
-                target[key] += new[key]
+        for key in columns:
+            columns[key] += part[key]
         for key, value in dataclasses.asdict(part_stats).items():
             setattr(stats, key, getattr(stats, key) + value)
         logger.info("data %s: %d training examples (%d truncated, %d dropped), %d held out", name,
                     part_stats.examples, part_stats.truncated, part_stats.dropped, len(held_rows))
-    held_set = Dataset.from_dict(held_columns) if held_columns["input_ids"] else None
-    return Dataset.from_dict(columns), held_set, stats
+    return Dataset.from_dict(columns), stats
 
 
 def split_rows(rows: list, fmt: str, fraction: float | None) -> tuple[list, list]:
