@@ -34,6 +34,7 @@ PROBES = [
     "List three uses of a paperclip, numbered 1 to 3.",
 ]
 GREEDY_TOKENS = 16
+INSTEAD = "merge with `peftkit merge` and convert that directory with llama.cpp's convert_hf_to_gguf.py instead"
 LAYER_TENSORS = {  # transformers name inside model.layers.N -> llama.cpp name inside blk.N
     "input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
     "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
@@ -122,15 +123,12 @@ def check_architecture(model: nn.Module) -> None:
     config = model.config
     if config.model_type != "llama":
         raise ModelError(f"GGUF export supports Llama-architecture models (model_type llama), not "
-                         f"{config.model_type!r}: merge with `peftkit merge` and convert with llama.cpp's "
-                         f"convert_hf_to_gguf.py instead")
+                         f"{config.model_type!r}: {INSTEAD}")
     if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise ModelError("GGUF export of Llama models with attention or MLP biases is not supported: "
-                         "convert the merged model with llama.cpp's convert_hf_to_gguf.py instead")
+        raise ModelError(f"GGUF export of Llama models with attention or MLP biases is not supported: {INSTEAD}")
     rope = getattr(config, "rope_parameters", None) or {}
     if rope.get("rope_type", "default") != "default":
-        raise ModelError(f"GGUF export supports plain RoPE, not rope_type {rope['rope_type']!r}: convert the "
-                         f"merged model with llama.cpp's convert_hf_to_gguf.py instead")
+        raise ModelError(f"GGUF export supports plain RoPE, not rope_type {rope['rope_type']!r}: {INSTEAD}")
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -187,20 +185,16 @@ def gguf_tensors(model: nn.Module):
         elif key == "lm_head.weight":
             if not tied:
                 yield "output.weight", tensor
-        elif key.startswith("model.layers."):
-            index, _, rest = key[len("model.layers."):].partition(".")
+        else:
+            index, _, rest = key.removeprefix("model.layers.").partition(".")
             module, _, kind = rest.rpartition(".")
-            if module not in LAYER_TENSORS or kind != "weight":
-                raise ModelError(f"GGUF export: no llama.cpp name for tensor {key}: convert the merged model "
-                                 f"with llama.cpp's convert_hf_to_gguf.py instead")
+            if not key.startswith("model.layers.") or module not in LAYER_TENSORS or kind != "weight":
+                raise ModelError(f"GGUF export: no llama.cpp name for tensor {key}: {INSTEAD}")
             if module == "self_attn.q_proj":
                 tensor = permute_rotary(tensor, heads)
             elif module == "self_attn.k_proj":
                 tensor = permute_rotary(tensor, kv_heads)
             yield f"blk.{index}.{LAYER_TENSORS[module]}.weight", tensor
-        else:
-            raise ModelError(f"GGUF export: no llama.cpp name for tensor {key}: convert the merged model with "
-                             f"llama.cpp's convert_hf_to_gguf.py instead")
 
 
 def permute_rotary(weight: torch.Tensor, heads: int) -> torch.Tensor:
@@ -229,7 +223,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
     backend = json.loads(tokenizer.backend_tokenizer.to_str())
     if backend["model"]["type"] != "BPE" or (backend.get("decoder") or {}).get("type") != "ByteLevel":
         raise ModelError("GGUF export supports byte-level BPE tokenizers (GPT-2 style, as SmolLM2's); this one is "
-                         f"{backend['model']['type']}: convert with llama.cpp's convert_hf_to_gguf.py instead")
+                         f"{backend['model']['type']}: {INSTEAD}")
     merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"].get("merges") or []]
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
@@ -268,7 +262,7 @@ def pre_tokenizer_name(pre: dict, has_merges: bool) -> str:
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"  # digits one by one, then GPT-2's regex
     raise ModelError(f"GGUF export cannot describe this tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}): "
-                     f"convert with llama.cpp's convert_hf_to_gguf.py instead")
+                     f"{INSTEAD}")
 
 
 # --- checking --------------------------------------------------------------------------------
