@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterError, ConfigError
+from peftkit.heads import mark_heads, trained_heads, unmark_heads
 from peftkit.nf4 import Linear4bit
 from peftkit.presets import build_config, load_preset
 from peftkit.protocol import METHODS, adapter_parameters, method_of
@@ -30,8 +31,12 @@ def resolve_adapter(spec: str | Path | Mapping[str, Any] | Any, **overrides: Any
 def apply_adapter(model: nn.Module, spec: str | Path | Mapping[str, Any] | Any = "lora", **overrides: Any) -> nn.Module:
     """Inject an adapter in place, freeze the base, and return the model.
 
+    A classification model's fresh head (`classifier` / `score`) is trained fully too (peft's
+    `modules_to_save`); the task comes from the model's class.
+
     Args:
-        model: a transformers causal LM (from `load_model` or elsewhere).
+        model: a transformers model (from `load_model` or elsewhere): causal LM, seq-cls,
+            token-cls or seq2seq.
         spec: a preset name from `adapters/` (`lora`, `lora-all`, `dora`), a path to a YAML
             preset, a mapping of fields, or a config object.
         **overrides: fields that replace the preset's, e.g. `r=16`.
@@ -47,6 +52,7 @@ def apply_adapter(model: nn.Module, spec: str | Path | Mapping[str, Any] | Any =
         raise AdapterError("this model already has an adapter: load a fresh base model to apply another")
     cfg = resolve_adapter(spec, **overrides)
     METHODS[cfg.method].apply(model, cfg)  # validates targets before it replaces anything
+    mark_heads(model)
     for param in model.parameters():
         param.requires_grad_(False)
     for param in adapter_parameters(model).values():
@@ -65,13 +71,19 @@ def adapter_config(model: nn.Module) -> Any:
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights count once, as in peft.
 
+    A trained classification head counts twice in the total, as in peft, which keeps the frozen
+    original beside the trained copy (`modules_to_save`), so "% of base" agrees between the two.
+
     A 4-bit layer's weight (ours: buffers; bitsandbytes': a packed parameter with a
     `quant_state`) counts as its logical out x in values, so a QLoRA model's total is the base
     model's size, not its packed byte count, whichever implementation quantised it.
     """
     params = list(model.parameters())
     quantized = sum(math.prod(m.weight_shape) for m in model.modules() if isinstance(m, Linear4bit))
-    return sum(p.numel() for p in params if p.requires_grad), sum(_logical_numel(p) for p in params) + quantized
+    heads = sum(p.numel() for head in trained_heads(model).values() for p in head.parameters()) if getattr(
+        model, "peftkit_config", None) is not None else 0
+    total = sum(_logical_numel(p) for p in params) + quantized + heads
+    return sum(p.numel() for p in params if p.requires_grad), total
 
 
 def _logical_numel(param: torch.Tensor) -> int:
@@ -99,6 +111,7 @@ def merge_adapter(model: nn.Module, unload: bool = False) -> nn.Module:
     method.merge(model)
     if unload:
         method.unload(model)
+        unmark_heads(model)
         model.peftkit_config = None
     return model
 

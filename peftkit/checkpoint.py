@@ -26,6 +26,8 @@ from torch import nn
 from peftkit.api import apply_adapter, trainable_parameters
 from peftkit.card import render_card
 from peftkit.errors import AdapterError
+from peftkit.heads import check_modules_to_save, peft_modules_to_save, unmark_heads
+from peftkit.models.tasks import PEFT_TASK_TYPES, task_of_model
 from peftkit.protocol import PEFT_TYPES, adapter_state_dict, load_adapter_state_dict, method_of
 
 logger = logging.getLogger(__name__)
@@ -57,7 +59,8 @@ def save_adapter(model: nn.Module, directory: str | Path, *, overwrite: bool = F
         raise AdapterError(f"{directory} already exists and is not empty: choose another directory or pass "
                            f"overwrite=True (--overwrite) to replace it")
     base_name = getattr(model, "peftkit_base_name", None) or getattr(model, "name_or_path", None)
-    peft_config = {**method.to_peft_config(cfg, model), "base_model_name_or_path": base_name}
+    peft_config = {**method.to_peft_config(cfg, model), "base_model_name_or_path": base_name,
+                   "task_type": PEFT_TASK_TYPES[task_of_model(model)], "modules_to_save": peft_modules_to_save(model)}
     card = render_card(base_model=str(base_name), method=method.name, hyperparameters=asdict(cfg),
                        trainable=trainable_parameters(model), data=data, metrics=metrics, notes=notes)
     directory.parent.mkdir(parents=True, exist_ok=True)
@@ -131,6 +134,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
     if method is None:
         raise AdapterError(f"{directory}: peft_type {config['peft_type']!r} is not supported: peftkit loads "
                            f"{', '.join(PEFT_TYPES)}")
+    check_modules_to_save(config.get("modules_to_save"), model, str(Path(directory) / CONFIG_NAME))
     cfg = method.from_peft_config(config)
     weights = read_adapter_weights(directory)
     saved_base = config.get("base_model_name_or_path")
@@ -144,6 +148,7 @@ def load_adapter(model: nn.Module, directory: str | Path) -> nn.Module:
         load_adapter_state_dict(model, weights, source=str(Path(directory) / WEIGHTS_NAME))
     except AdapterError:
         method.unload(model)
+        unmark_heads(model)
         model.peftkit_config = None
         for name, p in model.named_parameters():
             p.requires_grad_(frozen.get(name, p.requires_grad))

@@ -18,9 +18,9 @@ class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsH
 def cmd_models(args: argparse.Namespace) -> None:
     from peftkit.models import cache_dir, list_models
 
-    print(f"{'name':<14} {'cached':<7} description")
-    for name, cached, description in list_models():
-        print(f"{name:<14} {'yes' if cached else 'no':<7} {description}")
+    print(f"{'name':<14} {'cached':<7} description  [licence]")
+    for name, cached, description, licence in list_models():
+        print(f"{name:<14} {'yes' if cached else 'no':<7} {description}  [{licence}]")
     print(f"\ncache: {cache_dir()}")
 
 

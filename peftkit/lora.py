@@ -7,6 +7,9 @@ DoRA splits the adapted weight into a trained magnitude m (one value per output 
 direction:  W' = m * (W + scale * B A) / ||W + scale * B A||_row.  As in the DoRA paper
 (section 4.3) the norm is treated as a constant in backward.
 
+GPT-2's `Conv1D` layers store their weight transposed, (in, out); LoRA wraps them unchanged (A is
+(r, in), B is (out, r), as for `nn.Linear`) and merges B A transposed: peft's `fan_in_fan_out`.
+
 Parameter names follow peft (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`), so
 the saved state dict needs no renaming beyond peft's `base_model.model.` prefix.
 """
@@ -18,6 +21,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.nf4 import BLOCKSIZES, Linear4bit
@@ -72,27 +76,29 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
-    """An `nn.Linear` with a low-rank update; the frozen layer is kept as `self.base`.
+    """A linear layer with a low-rank update; the frozen layer is kept as `self.base`.
 
     Args:
-        base: the layer to adapt, an `nn.Linear` or a 4-bit `Linear4bit` (QLoRA); its weight
-            (out, in) is never trained.
+        base: the layer to adapt, an `nn.Linear` (weight (out, in)), a GPT-2 `Conv1D` (weight
+            (in, out)) or a 4-bit `Linear4bit` (QLoRA); its weight is never trained.
         r, alpha, dropout, rslora, dora, init: see `LoRAConfig`.
     """
 
-    def __init__(self, base: nn.Linear | Linear4bit, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
+    def __init__(self, base: nn.Linear | Conv1D | Linear4bit, r: int, alpha: float, dropout: float = 0.0, rslora: bool = False,
                  dora: bool = False, init: str = "default") -> None:
         super().__init__()
         self.base = base
         self.r = r
         self.scale = alpha / math.sqrt(r) if rslora else alpha / r
         # Adapters stay in fp32 over a half-precision base, for stable updates (as peft does).
-        weight_dtype, device = (base.weight.dtype, base.weight.device) if isinstance(base, nn.Linear) else (
-            base.weight_dtype, base.weight_packed.device)
+        weight_dtype, device = (base.weight_dtype, base.weight_packed.device) if isinstance(base, Linear4bit) else (
+            base.weight.dtype, base.weight.device)
         dtype = torch.float32 if weight_dtype in (torch.float16, torch.bfloat16) else weight_dtype
         kwargs = {"bias": False, "device": device, "dtype": dtype}
-        self.lora_A = nn.Linear(base.in_features, r, **kwargs)
-        self.lora_B = nn.Linear(r, base.out_features, **kwargs)
+        self.fan_in_fan_out = isinstance(base, Conv1D)
+        in_features, out_features = base.weight.shape if self.fan_in_fan_out else (base.in_features, base.out_features)
+        self.lora_A = nn.Linear(in_features, r, **kwargs)
+        self.lora_B = nn.Linear(r, out_features, **kwargs)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.dropout_p = float(dropout)
         self.merged = False
@@ -100,6 +106,12 @@ class LoRALinear(nn.Module):
         self._quantized_base: Linear4bit | None = None  # QLoRA: the 4-bit layer a merge replaced
         self.reset_parameters(init)
         self.lora_magnitude_vector = nn.Parameter(self._row_norm().detach()) if dora else None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's stored weight (a 4-bit base: its packed codes), for model code that reads
+        `layer.weight.dtype` (T5's feed-forward does), as on peft's layers."""
+        return self.base.weight_packed if isinstance(self.base, Linear4bit) else self.base.weight
 
     @property
     def adapter_parameter_names(self) -> tuple[str, ...]:
@@ -119,8 +131,10 @@ class LoRALinear(nn.Module):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scale
 
     def base_weight(self) -> torch.Tensor:
-        """The frozen weight (out, in); a 4-bit base is dequantised."""
-        return self.base.weight if isinstance(self.base, nn.Linear) else self.base.dequantized_weight()
+        """The frozen weight as (out, in); a 4-bit base is dequantised, a Conv1D's transposed (a view)."""
+        if isinstance(self.base, Linear4bit):
+            return self.base.dequantized_weight()
+        return self.base.weight.T if self.fan_in_fan_out else self.base.weight
 
     def _row_norm(self) -> torch.Tensor:
         """||W + scale * B A|| per output row, shape (out,); a constant for backward (DoRA 4.3)."""
@@ -177,12 +191,17 @@ class LoRALinear(nn.Module):
         weight = self.base.weight
         delta = self.delta_weight().to(torch.float32)
         if self.lora_magnitude_vector is None:
-            weight.data = (weight.float() + delta).to(weight.dtype)
+            merged = self.base_weight().float() + delta
         else:
             self._merged_norm = self._row_norm().float()
             factor = (self.lora_magnitude_vector.float() / self._merged_norm).view(-1, 1)
-            weight.data = (factor * (weight.float() + delta)).to(weight.dtype)
+            merged = factor * (self.base_weight().float() + delta)
+        weight.data = self._stored(merged).to(weight.dtype)
         self.merged = True
+
+    def _stored(self, weight: torch.Tensor) -> torch.Tensor:
+        """An (out, in) weight in the base layer's own layout (a Conv1D keeps (in, out))."""
+        return weight.T.contiguous() if self.fan_in_fan_out else weight
 
     @torch.no_grad()
     def unmerge(self) -> None:
@@ -192,11 +211,12 @@ class LoRALinear(nn.Module):
         weight = self.base.weight
         delta = self.delta_weight().to(torch.float32)
         if self.lora_magnitude_vector is None:
-            weight.data = (weight.float() - delta).to(weight.dtype)
+            restored = self.base_weight().float() - delta
         else:
             factor = (self.lora_magnitude_vector.float() / self._merged_norm).view(-1, 1)
-            weight.data = (weight.float() / factor - delta).to(weight.dtype)
+            restored = self.base_weight().float() / factor - delta
             self._merged_norm = None
+        weight.data = self._stored(restored).to(weight.dtype)
         if self._quantized_base is not None:  # back to the exact 4-bit layer
             self.base, self._quantized_base = self._quantized_base, None
         self.merged = False
@@ -225,7 +245,7 @@ class LoRAMethod:
     peft_type = "LORA"
     config_class = LoRAConfig
     module_class = LoRALinear
-    supported_bases: tuple[type, ...] = (nn.Linear, Linear4bit)
+    supported_bases: tuple[type, ...] = (nn.Linear, Conv1D, Linear4bit)
 
     def apply(self, model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         names = find_targets(model, cfg.target_modules, self.supported_bases)
@@ -272,14 +292,15 @@ class LoRAMethod:
             "peft_type": self.peft_type, "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout, "target_modules": targets, "use_rslora": cfg.rslora,
             "use_dora": cfg.dora, "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
-            "bias": "none", "fan_in_fan_out": False, "modules_to_save": None, "layers_to_transform": None,
+            "bias": "none", "fan_in_fan_out": any(m.fan_in_fan_out for m in self.modules(model)),
+            "modules_to_save": None, "layers_to_transform": None,
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
         } | ({"peftkit": {"base_quantization": {"quant_type": "nf4", "blocksize": cfg.blocksize,
                                                  "double_quant": cfg.double_quant}}} if cfg.quantize else {})
 
     def from_peft_config(self, peft: dict) -> LoRAConfig:
         unsupported = {
-            "bias": ("none", None), "fan_in_fan_out": (False, None), "modules_to_save": (None, []),
+            "bias": ("none", None),
             "layers_to_transform": (None, []), "rank_pattern": ({}, None), "alpha_pattern": ({}, None),
             "target_parameters": (None, []), "lora_bias": (False, None), "use_qalora": (False, None),
             "trainable_token_indices": (None,), "layer_replication": (None,), "exclude_modules": (None, []),

@@ -22,11 +22,12 @@ import yaml
 from torch import nn
 
 from peftkit.api import merge_adapter
-from peftkit.checkpoint import load_adapter, read_adapter_config
+from peftkit.checkpoint import load_adapter, read_adapter_config, read_adapter_weights
 from peftkit.data import data_root, read_rows, tokenize_rows
 from peftkit.evaluation.splits import split_heldout
 from peftkit.errors import AdapterError, ConfigError
-from peftkit.models import DTYPES, REGISTRY, load_model
+from peftkit.models import DTYPES, REGISTRY, load_model, task_of_model
+from peftkit.models.tasks import AUTO_CLASSES
 
 logger = logging.getLogger(__name__)
 
@@ -73,12 +74,18 @@ def measure(model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> tuple[l
     model.eval()
     device = next(model.parameters()).device
     logits, nll, count = [], 0.0, 0
+    task = task_of_model(model)
     for batch in batches:
-        out = model(input_ids=batch["input_ids"].to(device), labels=batch["labels"].to(device))
+        inputs = batch["input_ids"].to(device)
+        if task != "causal-lm":  # a classifier or encoder-decoder: its outputs on the same inputs, no perplexity
+            extra = {"decoder_input_ids": inputs} if task == "seq2seq" else {}
+            logits.append(model(input_ids=inputs, **extra).logits.float().cpu())
+            continue
+        out = model(input_ids=inputs, labels=batch["labels"].to(device))
         logits.append(out.logits.float().cpu())
         n = int((batch["labels"][:, 1:] != -100).sum())
         nll, count = nll + out.loss.item() * n, count + n
-    return logits, math.exp(nll / max(count, 1))
+    return logits, math.exp(nll / count) if count else float("nan")
 
 
 def merge_to_dir(source: str | Path, out: str | Path, *, dtype: str = "fp32", base: str = "4bit",
@@ -104,7 +111,7 @@ def merge_to_dir(source: str | Path, out: str | Path, *, dtype: str = "fp32", ba
     after, ppl_after = measure(merged, batches)
     merged = merged.to(DTYPES[dtype])
     record = {
-        "adapter": str(adapter_dir), "base_model": base_name, "method": "qlora" if getattr(cfg, "quantize", None)
+        "adapter": str(adapter_dir), "base_model": base_name, "task": task_of_model(merged), "method": "qlora" if getattr(cfg, "quantize", None)
         else "dora" if cfg.dora else "lora", "merged_into": base if getattr(cfg, "quantize", None) else "original",
         "dtype": dtype, "max_logit_diff_fp32": max((a - b).abs().max().item() for a, b in zip(before, after)),
         "perplexity_adapter": ppl_before, "perplexity_merged": ppl_after, "heldout_examples": len(batches),
@@ -127,13 +134,26 @@ def load_adapted(source: str | Path) -> tuple[nn.Module, object, str, Path]:
         AdapterError: a prefix or prompt adapter (cannot merge), or an unreadable adapter.
     """
     adapter_dir, base_name = resolve_source(source)
-    model, tokenizer = load_model(base_name, dtype="fp32", device="cpu")
+    model, tokenizer = load_model(base_name, dtype="fp32", device="cpu", **saved_task(adapter_dir))
     adapted = load_adapter(model, adapter_dir)
     cfg = adapted.peftkit_config
     if cfg.method != "lora":
         raise AdapterError(f"{cfg.method} adapters cannot be merged: virtual tokens are inputs, not weight updates; "
                            f"ship the adapter directory {adapter_dir} and load it with peftkit or peft")
     return adapted, tokenizer, base_name, adapter_dir
+
+
+def saved_task(adapter_dir: Path) -> dict:
+    """`task` (and `num_labels`, from the saved head's rows) of the model an adapter was trained on."""
+    from peftkit.models.tasks import PEFT_TASK_TYPES
+
+    by_peft = {peft: task for task, peft in PEFT_TASK_TYPES.items()}
+    task = by_peft.get(read_adapter_config(adapter_dir).get("task_type") or "CAUSAL_LM", "causal-lm")
+    if task not in ("seq-cls", "token-cls"):
+        return {"task": task}
+    heads = [t for key, t in read_adapter_weights(adapter_dir).items()
+             if key.rsplit(".", 2)[-2:-1] in (["classifier"], ["score"]) and key.endswith(".weight")]
+    return {"task": task, "num_labels": heads[0].shape[0]} if heads else {"task": task}
 
 
 def merge_loaded(adapted: nn.Module, base_name: str, adapter_dir: Path, base: str = "4bit") -> nn.Module:
@@ -151,7 +171,7 @@ def _reload_on_original_base(base_name: str, adapter_dir: Path, cfg) -> nn.Modul
     from peftkit.checkpoint import read_adapter_weights
     from peftkit.protocol import load_adapter_state_dict
 
-    model, _ = load_model(base_name, dtype="fp32", device="cpu")
+    model, _ = load_model(base_name, dtype="fp32", device="cpu", **saved_task(adapter_dir))
     apply_adapter(model, replace(cfg, quantize=None))
     load_adapter_state_dict(model, read_adapter_weights(adapter_dir), str(adapter_dir))
     return model
@@ -172,7 +192,7 @@ def _save(model: nn.Module, tokenizer, out: Path, record: dict, overwrite: bool)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if model.generation_config is not None:
+        if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
         (tmp / "README.md").write_text(_card(record))
@@ -191,7 +211,7 @@ def _card(record: dict) -> str:
     rows = "\n".join(f"| {k} | {v} |" for k, v in record.items() if v is not None)
     return (f"---\nbase_model: {record['base_model']}\nlibrary_name: transformers\ntags:\n- peftkit\n- merged\n---\n\n"
             f"# {record['method']} adapter merged into {record['base_model']}\n\nA plain transformers model: "
-            f"`AutoModelForCausalLM.from_pretrained(this_dir)`, no peftkit needed. Merged by `peftkit merge` from "
+            f"`{AUTO_CLASSES[record['task']].__name__}.from_pretrained(this_dir)`, no peftkit needed. Merged by `peftkit merge` from "
             f"`{record['adapter']}`.\n\n## Merge fidelity\n\nMeasured on {record['heldout_examples']} held-out "
             f"examples: logits of the merged model vs the adapter model, and perplexity of both.\n\n"
             f"| check | value |\n| --- | --- |\n{rows}\n")

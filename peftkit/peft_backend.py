@@ -53,21 +53,24 @@ def bnb_quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = Tru
 def peft_config(cfg: Any, model: nn.Module) -> Any:
     """peft's config for a peftkit config."""
     peft = _require("peft")
+    from peftkit.models.tasks import PEFT_TASK_TYPES, task_of_model
+
+    task_type = PEFT_TASK_TYPES[task_of_model(model)]
     if cfg.method == "lora":
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
-                               use_rslora=cfg.rslora, use_dora=cfg.dora, task_type="CAUSAL_LM",
+                               use_rslora=cfg.rslora, use_dora=cfg.dora, task_type=task_type,
                                init_lora_weights="gaussian" if cfg.init == "gaussian" else True)
     if cfg.method == "prefix":
         if cfg.init != "random":
             logger.warning("peft's prefix-tuning has no init from real tokens: impl: peft starts from random prefixes")
-        return peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM",
+        return peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=task_type,
                                        prefix_projection=cfg.prefix_projection,
                                        encoder_hidden_size=cfg.encoder_hidden_size)
     if cfg.method == "prompt":
         init = peft.PromptTuningInit.RANDOM
         if cfg.init == "tokens":
             init = peft.PromptTuningInit.TEXT if cfg.init_text else peft.PromptTuningInit.SAMPLE_VOCAB
-        return peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type="CAUSAL_LM",
+        return peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=task_type,
                                        prompt_tuning_init=init, prompt_tuning_init_text=cfg.init_text,
                                        tokenizer_name_or_path=model.config._name_or_path if cfg.init_text else None)
     raise ConfigError(f"impl: peft has no counterpart for method {cfg.method!r}: use impl: peftkit")

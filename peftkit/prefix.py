@@ -91,10 +91,12 @@ def adapter_dtype(model: nn.Module) -> torch.dtype:
 
 
 def load_tokenizer(model: nn.Module) -> Any:
-    """The tokenizer of the model's own directory (the registry's tiny-llama builds its own)."""
+    """The tokenizer of the model's own directory (the registry's tiny models build their own)."""
+    from peftkit.models import REGISTRY
+
     source = getattr(model, "name_or_path", None) or ""
-    if source == "tiny-llama":
-        from peftkit.tiny import tiny_tokenizer
+    if source in REGISTRY and REGISTRY[source].is_tiny:
+        from peftkit.models.tiny import tiny_tokenizer
 
         return tiny_tokenizer()
     from transformers import AutoTokenizer
@@ -125,9 +127,6 @@ def check_prompt_learning_config(peft: dict) -> None:
         raise AdapterError(f"adapter_config.json sets num_transformer_submodules="
                            f"{peft['num_transformer_submodules']!r} (an encoder-decoder adapter): peftkit loads "
                            f"decoder-only (CAUSAL_LM) adapters")
-    if peft.get("modules_to_save"):
-        raise AdapterError(f"adapter_config.json sets modules_to_save={peft['modules_to_save']!r}, which peftkit does "
-                           f"not support: re-save the adapter without it")
     if "num_virtual_tokens" not in peft:
         raise AdapterError("adapter_config.json has no num_virtual_tokens: re-save the adapter")
 

@@ -11,18 +11,20 @@ import logging
 import math
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import AdapterError
-from peftkit.nf4 import Linear4bit
+from peftkit.nf4 import Linear4bit, quantize_nf4
 from peftkit.targets import linear_module_names, replace_module
 
 logger = logging.getLogger(__name__)
 
 
 def quantize_layers(model: nn.Module, names: list[str], blocksize: int = 64, double_quant: bool = True) -> int:
-    """Replace the named `nn.Linear` layers by `Linear4bit`; returns how many were quantised.
+    """Replace the named `nn.Linear` (or GPT-2 `Conv1D`) layers by `Linear4bit`; returns how many were quantised.
 
-    A layer whose weight is not a whole number of blocks stays in full precision, with a
+    A Conv1D's (in, out) weight is quantised transposed, as (out, in), as transformers' bitsandbytes
+    loader does, so the 4-bit layer computes the same x @ W + b. A layer whose weight is not a whole number of blocks stays in full precision, with a
     warning naming it (bitsandbytes would pad the last block; a skipped layer keeps exact weights).
     """
     quantized = 0
@@ -30,13 +32,19 @@ def quantize_layers(model: nn.Module, names: list[str], blocksize: int = 64, dou
         layer = model.get_submodule(name)
         if isinstance(layer, Linear4bit):
             continue
-        if not isinstance(layer, nn.Linear):
-            raise AdapterError(f"cannot quantise {name!r}: it is a {type(layer).__name__}, not an nn.Linear")
+        if not isinstance(layer, (nn.Linear, Conv1D)):
+            raise AdapterError(f"cannot quantise {name!r}: it is a {type(layer).__name__}; NF4 quantises nn.Linear "
+                               f"and Conv1D layers: narrow target_modules to those")
         if layer.weight.numel() % blocksize:
             logger.warning("%s: %d weights are not a multiple of the block size %d; left unquantised",
                            name, layer.weight.numel(), blocksize)
             continue
-        replace_module(model, name, Linear4bit.from_linear(layer, blocksize=blocksize, double_quant=double_quant))
+        if isinstance(layer, Conv1D):
+            packed, state = quantize_nf4(layer.weight.T.contiguous(), blocksize=blocksize, double_quant=double_quant)
+            quantized_layer = Linear4bit(packed, state, layer.bias)
+        else:
+            quantized_layer = Linear4bit.from_linear(layer, blocksize=blocksize, double_quant=double_quant)
+        replace_module(model, name, quantized_layer)
         quantized += 1
     return quantized
 

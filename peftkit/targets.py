@@ -2,25 +2,40 @@
 
 - a list of names: a module matches when its full name equals a name or ends with `.name`;
 - a string: a regular expression that must match the full module name (`re.fullmatch`);
-- `all-linear`: every linear layer (full precision or 4-bit) except the output head.
+- `all-linear`: every linear layer (`nn.Linear`, GPT-2's `Conv1D`, or 4-bit) except the heads: the
+  output embedding and a classification head (`classifier` / `score`), which a classification task
+  trains fully instead (peft 0.21 targets a token classifier's head too, then fails to train it).
 """
 
 import re
 from collections.abc import Iterable
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import AdapterError
+from peftkit.models.tasks import HEAD_NAMES
 from peftkit.nf4 import Linear4bit
 
 ALL_LINEAR = "all-linear"
+LINEAR_TYPES = (nn.Linear, Conv1D, Linear4bit)
+
+
+def head_names(model: nn.Module) -> set[str]:
+    """Full names of the output embedding and of every module inside a classification head."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {name for name, module in model.named_modules() if head is not None and module is head}
+    for attr in HEAD_NAMES:
+        if isinstance(getattr(model, attr, None), nn.Module):
+            names |= {f"{attr}.{sub}" if sub else attr for sub, _ in getattr(model, attr).named_modules()}
+    return names
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
-    """Full names of every linear layer (`nn.Linear` or 4-bit `Linear4bit`), the output head excluded."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    """Full names of every linear layer (`nn.Linear`, `Conv1D` or 4-bit `Linear4bit`), the heads excluded."""
+    heads = head_names(model)
     return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, Linear4bit)) and module is not head]
+            if isinstance(module, LINEAR_TYPES) and name not in heads]
 
 
 def expand_all_linear(model: nn.Module) -> list[str]:
@@ -41,9 +56,11 @@ def find_targets(model: nn.Module, target_modules: str | list[str], supported: t
         AdapterError: nothing matches (the message lists the model's linear layers), or a
             matched module has a type the adapter cannot wrap.
     """
+    excluded = set()
     if target_modules == ALL_LINEAR:
-        target_modules = expand_all_linear(model)
-    names = [name for name, _ in model.named_modules() if name and matches(name, target_modules)]
+        target_modules, excluded = expand_all_linear(model), head_names(model)
+    names = [name for name, _ in model.named_modules()
+             if name and name not in excluded and matches(name, target_modules)]
     if not names:
         suffixes = expand_all_linear(model)
         raise AdapterError(f"target_modules {target_modules!r} match no module of this model: use names from "
@@ -53,8 +70,8 @@ def find_targets(model: nn.Module, target_modules: str | list[str], supported: t
     for name in names:
         if not isinstance(modules[name], supported):
             kinds = ", ".join(cls.__name__ for cls in supported)
-            raise AdapterError(f"target module {name!r} is a {type(modules[name]).__name__}; this adapter wraps "
-                               f"{kinds} only: narrow target_modules to linear layers")
+            raise AdapterError(f"target module {name!r} is a {type(modules[name]).__name__}, which this adapter "
+                               f"cannot wrap (it wraps {kinds}): narrow target_modules to those layers")
     return names
 
 

@@ -132,7 +132,12 @@ def test_own_task_yaml(tmp_path):
 @needs_data
 def test_data_root_env_and_overrides(tmp_path, monkeypatch):
     monkeypatch.delenv("PEFTKIT_DATA", raising=False)
-    assert default_data_root() == DATA.resolve()
+    assert default_data_root().resolve() == DATA.resolve()
+    link = tmp_path / "linked-data"  # a data folder reached through a symlink is the same folder
+    link.symlink_to(DATA.resolve(), target_is_directory=True)
+    monkeypatch.setenv("PEFTKIT_DATA", str(link))
+    assert default_data_root().resolve() == DATA.resolve()
+    assert prepare_specs("e2e")[0].data == str(DATA.resolve() / "e2e" / "devset.csv")
     monkeypatch.setenv("PEFTKIT_DATA", str(tmp_path))
     with pytest.raises(ConfigError, match=r"data file .*sst2/dev.tsv does not exist: pass --data"):
         prepare_specs("sst2")

@@ -46,7 +46,7 @@ def test_cache_is_built_atomically(tmp_path, monkeypatch):
         (out / "weights").write_text("w")
         (out / "config.json").write_text("{}")
 
-    monkeypatch.setattr(models, "_build_cache", slow_build)
+    monkeypatch.setattr(models.fetch, "_build_cache", slow_build)
     entry = models.REGISTRY["smollm2-135m"]
     results = []
     threads = [threading.Thread(target=lambda: results.append(models.ensure_cached(entry))) for _ in range(2)]
@@ -64,8 +64,9 @@ def test_models_command_lists_registry(tmp_path):
     done = subprocess.run([sys.executable, "-m", "peftkit", "models"], capture_output=True, text=True,
                           env={"PEFTKIT_CACHE": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr
-    rows = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()[1:3]}
-    assert rows == {"smollm2-135m": "no", "tiny-llama": "yes"}
+    rows = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines()[1:] if line.strip()[:1].isalnum()}
+    assert rows["smollm2-135m"] == "no" and rows["tiny-llama"] == "yes" and rows["tiny-bert"] == "yes"
+    assert "[Apache-2.0]" in done.stdout
 
 
 @pytest.mark.slow
@@ -87,7 +88,7 @@ def test_smollm2_cache_equals_gguf(smol, tmp_path):
     """The cached safetensors hold exactly what transformers' GGUF loader produces."""
     from transformers import AutoModelForCausalLM
 
-    gguf = models._fetch_gguf(models.REGISTRY["smollm2-135m"], tmp_path)
+    gguf = models.fetch.assemble(models.REGISTRY["smollm2-135m"], tmp_path)
     reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     x = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
     with torch.no_grad():
