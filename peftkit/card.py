@@ -8,6 +8,16 @@ LICENCE_NOTES = {
 }
 
 
+def base_model_lines(base_model: str) -> list[str]:
+    """The base model's licence and provenance, from the registry (a model not in it: just its name)."""
+    from peftkit.models import REGISTRY
+
+    entry = next((e for e in REGISTRY.values() if base_model in (e.hub_id, e.name)), None)
+    if entry is None:
+        return [f"{base_model}: see its own licence."]
+    return [f"{entry.hub_id}, licence: {entry.licence}.", *entry.notes]
+
+
 def render_card(*, base_model: str, method: str, hyperparameters: dict[str, Any], trainable: tuple[int, int],
                 data: str | list[str] | None = None, metrics: dict[str, Any] | None = None, notes: list[str] | None = None) -> str:
     """A Markdown model card with peft-style YAML front matter."""
@@ -28,7 +38,7 @@ def render_card(*, base_model: str, method: str, hyperparameters: dict[str, Any]
             lines += [f"Trained on: {source}."]
     if not sources:
         lines += ["No training data recorded (an untrained or hand-made adapter)."]
-    lines += ["", "## Metrics", ""]
+    lines += ["", "## Base model", "", *base_model_lines(base_model), "", "## Metrics", ""]
     if metrics:
         lines += ["| metric | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in metrics.items()]
     else:

