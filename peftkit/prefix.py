@@ -121,6 +121,16 @@ def init_token_ids(model: nn.Module, count: int, text: str | None) -> torch.Tens
     return torch.tensor(ids, dtype=torch.long, device=embeddings.weight.device)
 
 
+def check_decoder(model: nn.Module, method: str) -> None:
+    """Virtual tokens are implemented for decoders (causal LMs); other tasks get a one-line error."""
+    from peftkit.models.tasks import task_of_model
+
+    task = task_of_model(model)
+    if task != "causal-lm":
+        raise AdapterError(f"{method} on a {task} model ({type(model).__name__}) is not supported yet: peftkit's "
+                           f"virtual tokens are checked against peft on causal LMs only; use LoRA (or DoRA) here")
+
+
 def check_prompt_learning_config(peft: dict) -> None:
     """Reject what peftkit's prefix and prompt tuning do not do: encoder-decoders, extra modules."""
     if peft.get("num_transformer_submodules") not in (1, None):
@@ -334,6 +344,7 @@ class PrefixMethod:
             ConfigError: init: tokens with an MLP too narrow to reproduce the token prefix, or an
                 init_text without a tokenizer.
         """
+        check_decoder(model, "prefix-tuning")
         layers, heads, head_dim = kv_layout(model)
         hidden = cfg.encoder_hidden_size or heads * head_dim
         if cfg.init == "tokens" and cfg.prefix_projection and hidden < cfg.num_virtual_tokens:

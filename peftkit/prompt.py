@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterError
-from peftkit.prefix import (VirtualTokens, adapter_dtype, check_init, check_prompt_learning_config,
+from peftkit.prefix import (VirtualTokens, adapter_dtype, check_decoder, check_init, check_prompt_learning_config,
                             check_virtual_tokens, init_token_ids)
 
 PROMPT_INITS = ("random", "tokens")
@@ -100,6 +100,7 @@ class PromptMethod:
     config_class = PromptConfig
 
     def apply(self, model: nn.Module, cfg: PromptConfig) -> nn.Module:
+        check_decoder(model, "prompt tuning")
         embeddings = model.get_input_embeddings()
         prompt = PromptEmbedding(cfg.num_virtual_tokens, embeddings.embedding_dim, dtype=adapter_dtype(model),
                                  device=embeddings.weight.device)
