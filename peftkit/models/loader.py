@@ -17,7 +17,7 @@ from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 from peftkit.errors import ModelError
 from peftkit.models.fetch import ensure_cached
 from peftkit.models.registry import REGISTRY, registry_names
-from peftkit.models.tasks import HEAD_NAMES, auto_class, check_task, task_of_config
+from peftkit.models.tasks import auto_class, check_task, task_of_config
 from peftkit.models.tiny import tiny_model, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -141,11 +141,6 @@ def _from_pretrained(source: str, shown_name: str, task: str | None,
     if task in ("seq-cls", "token-cls") and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # a decoder's seq-cls head finds the last real token
     return model, tokenizer
-
-
-def head_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The task heads a classification model creates fresh (`classifier`, `score`), by attribute name."""
-    return {name: getattr(model, name) for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Module)}
 
 
 def _first_line(exc: BaseException) -> str:
