@@ -27,7 +27,8 @@ from peftkit.data import data_root, read_rows, tokenize_rows
 from peftkit.evaluation.splits import split_heldout
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.models import DTYPES, REGISTRY, load_model, task_of_model
-from peftkit.models.tasks import AUTO_CLASSES
+from peftkit.models.tasks import AUTO_CLASSES, HEAD_NAMES, PEFT_TASK_TYPES
+from peftkit.protocol import PEFT_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -145,14 +146,12 @@ def load_adapted(source: str | Path) -> tuple[nn.Module, object, str, Path]:
 
 def saved_task(adapter_dir: Path) -> dict:
     """`task` (and `num_labels`, from the saved head's rows) of the model an adapter was trained on."""
-    from peftkit.models.tasks import PEFT_TASK_TYPES
-
     by_peft = {peft: task for task, peft in PEFT_TASK_TYPES.items()}
     task = by_peft.get(read_adapter_config(adapter_dir).get("task_type") or "CAUSAL_LM", "causal-lm")
     if task not in ("seq-cls", "token-cls"):
         return {"task": task}
-    heads = [t for key, t in read_adapter_weights(adapter_dir).items()
-             if key.rsplit(".", 2)[-2:-1] in (["classifier"], ["score"]) and key.endswith(".weight")]
+    head_keys = {f"{PEFT_PREFIX}{name}.weight" for name in HEAD_NAMES}
+    heads = [t for key, t in read_adapter_weights(adapter_dir).items() if key in head_keys]
     return {"task": task, "num_labels": heads[0].shape[0]} if heads else {"task": task}
 
 
@@ -168,7 +167,6 @@ def merge_loaded(adapted: nn.Module, base_name: str, adapter_dir: Path, base: st
 def _reload_on_original_base(base_name: str, adapter_dir: Path, cfg) -> nn.Module:
     """The QLoRA adapter applied as plain LoRA to the unquantised base (to measure the merge gap)."""
     from peftkit.api import apply_adapter
-    from peftkit.checkpoint import read_adapter_weights
     from peftkit.protocol import load_adapter_state_dict
 
     model, _ = load_model(base_name, dtype="fp32", device="cpu", **saved_task(adapter_dir))

