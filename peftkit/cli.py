@@ -53,7 +53,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from peftkit.recipe import find_recipe, load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)  # validated before anything heavy happens
-    if recipe.methods:
+    if recipe.is_study:
         _train_methods(args, recipe)
         return
     if args.nproc > 1:
@@ -69,16 +69,16 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def _train_methods(args: argparse.Namespace, recipe) -> None:
-    from peftkit.recipe import find_recipe
+    from peftkit.recipe import find_recipe, method_recipes
     from peftkit.study import train_methods
 
     if args.nproc > 1:
-        raise PeftkitError("--nproc: a recipe with methods trains them one after another in one process; "
-                           "drop --nproc, or train each method's recipe with --nproc")
+        raise PeftkitError("--nproc: a recipe with methods or models trains them one after another in one process; "
+                           "drop --nproc, or train each run's recipe with --nproc")
     command = " ".join(["peftkit train", args.recipe, *args.overrides] + ["--resume"] * args.resume)
     report = train_methods(recipe, source=str(find_recipe(args.recipe)), resume=args.resume,
                            overwrite=args.overwrite, command=command)
-    print(f"runs:   {', '.join(str(report.parent / name) for name in recipe.methods)}")
+    print(f"runs:   {', '.join(str(report.parent / name) for name in method_recipes(recipe))}")
     print(f"report: {report / 'report.md'}\n        {report / 'report.html'}")
 
 
@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "httpx", "urllib3", "filelock"):
+    for noisy in ("transformers", "httpx", "urllib3", "filelock", "bitsandbytes"):  # bnb: a kernel hint at import
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.ERROR)
     try:
         COMMANDS[args.command][0](args)

@@ -1,6 +1,6 @@
 """`peftkit compare`: one report over run directories, as Markdown and a self-contained HTML page.
 
-Per run: method and implementation, task metrics, trainable parameters (and % of the base),
+Per run: base model, method and implementation, task metrics, trainable parameters (and % of the base),
 peak memory, training tokens/s, wall time, adapter size on disk, and the loss curve. Runs that
 differ only in `impl` (peftkit vs peft) are paired, with the difference. The HTML page has
 inline styles and inline SVG plots: it works offline, with no script and nothing to fetch.
@@ -106,10 +106,15 @@ def setup_line(runs: list[RunSummary]) -> str:
         sources = " + ".join(sources) if isinstance(sources, list) else sources
         limit = f", at most {data['limit']} examples each" if data.get("limit") else ""
         steps = f"{train['max_steps']} steps" if train.get("max_steps", -1) > 0 else f"{train.get('epochs', 1)} epochs"
-        return (f"model {run.recipe.get('model')}; data {sources}{limit}, max_length {data.get('max_length')}; "
+        return (f"data {sources}{limit}, max_length {data.get('max_length')}; "
                 f"{steps} x batch {train.get('batch_size', 8) * train.get('grad_accum', 1)}; seed {train.get('seed')}")
     setups = {setup(r) for r in runs}
-    return f"Shared setup: {setups.pop()}." if len(setups) == 1 else "The runs differ in model, data or budget."
+    models = list(dict.fromkeys(str(r.recipe.get("model")) for r in runs))
+    if len(setups) > 1:
+        return "The runs differ in data or budget."
+    if len(models) > 1:
+        return f"Models {', '.join(models)}; shared setup: {setups.pop()}."
+    return f"Shared setup: model {models[0]}; {setups.pop()}."
 
 
 def pairs(runs: list[RunSummary]) -> list[tuple[RunSummary, RunSummary]]:
@@ -126,7 +131,7 @@ def _fmt(value: float, digits: int = 4) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
 
 
-COLUMNS = ["run", "method", "impl", "lr", "trainable", "% of base", "peak MiB", "train tok/s", "wall s", "adapter MiB"]
+COLUMNS = ["run", "model", "method", "impl", "lr", "trainable", "% of base", "peak MiB", "train tok/s", "wall s", "adapter MiB"]
 
 
 def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
@@ -134,7 +139,7 @@ def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
     header = COLUMNS + metric_names + ["final loss"]
     rows = []
     for r in runs:
-        rows.append([r.name, r.method, r.impl, _fmt((r.recipe.get("train") or {}).get("lr", float("nan")), 2),
+        rows.append([r.name, str(r.recipe.get("model")), r.method, r.impl, _fmt((r.recipe.get("train") or {}).get("lr", float("nan")), 2),
                      f"{r.trainable:,}", f"{r.trainable_pct:.2f}", _fmt(r.peak_memory_mb),
                      _fmt(r.tokens_per_s), _fmt(r.wall_time_s), f"{r.adapter_bytes / 2**20:.2f}"]
                     + [_fmt(r.metrics.get(m, float("nan"))) for m in metric_names]

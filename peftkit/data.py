@@ -9,6 +9,10 @@ Formats (the `format` of a recipe's data section):
     sst2     TSV label + sentence (or content)      -> user: review, assistant: positive / negative
     e2e      CSV mr, ref                            -> user: meaning representation, assistant: ref
     gsm8k    {question, answer}                     -> user: question, assistant: worked answer
+    seq2seq  {source, target}                       -> user: source, assistant: target
+
+With `task: seq2seq` (an encoder-decoder) or `task: seq-cls` (a classification head) the rows
+are read the same way and turned into that task's examples by `peftkit.data_tasks`.
 
 Only JSON, JSONL, CSV and TSV are read. A malformed row names its file and line.
 """
@@ -128,7 +132,7 @@ def _json_list_rows(text: str, path: Path) -> list[Row]:
 # --- formats: a row -> (prompt messages, completion text), or plain text -------------------
 
 
-def _need(row: Row, *keys: str) -> list[str]:
+def need_fields(row: Row, *keys: str) -> list[str]:
     values = []
     for key in keys:
         value = row.fields.get(key)
@@ -140,7 +144,7 @@ def _need(row: Row, *keys: str) -> list[str]:
 
 
 def alpaca_pair(row: Row) -> tuple[list[dict], str]:
-    instruction, output = _need(row, "instruction", "output")
+    instruction, output = need_fields(row, "instruction", "output")
     extra = row.fields.get("input") or ""
     user = f"{instruction}\n\n{extra}" if extra.strip() else instruction
     return [{"role": "user", "content": user}], output
@@ -168,7 +172,7 @@ def sst2_prompt(sentence: str) -> list[dict]:
 
 
 def e2e_pair(row: Row) -> tuple[list[dict], str]:
-    mr, ref = _need(row, "mr", "ref")
+    mr, ref = need_fields(row, "mr", "ref")
     return e2e_prompt(mr), ref
 
 
@@ -177,12 +181,18 @@ def e2e_prompt(mr: str) -> list[dict]:
 
 
 def gsm8k_pair(row: Row) -> tuple[list[dict], str]:
-    question, answer = _need(row, "question", "answer")
+    question, answer = need_fields(row, "question", "answer")
     return [{"role": "user", "content": question}], answer
+
+
+def seq2seq_pair(row: Row) -> tuple[list[dict], str]:
+    source, target = need_fields(row, "source", "target")
+    return [{"role": "user", "content": source}], target
 
 
 PAIR_FORMATS: dict[str, Callable[[Row], tuple[list[dict], str]]] = {
     "alpaca": alpaca_pair, "chat": chat_pair, "sst2": sst2_pair, "e2e": e2e_pair, "gsm8k": gsm8k_pair,
+    "seq2seq": seq2seq_pair,
 }
 FORMATS = (*PAIR_FORMATS, "text")
 
@@ -266,7 +276,7 @@ def tokenize_rows(tokenizer: PreTrainedTokenizerBase, rows: Iterable[Row], fmt: 
     stats = DataStats()
     for row in rows:
         if fmt == "text":
-            (text,) = _need(row, "text")
+            (text,) = need_fields(row, "text")
             ids, labels, status = tokenize_text(tokenizer, text, max_length)
         else:
             prompt, completion = PAIR_FORMATS[fmt](row)

@@ -25,7 +25,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.nf4 import BLOCKSIZES, Linear4bit
-from peftkit.targets import ALL_LINEAR, find_targets, replace_module
+from peftkit.targets import ALL_LINEAR, family_targets, find_targets, replace_module
 
 INITS = ("default", "gaussian")
 
@@ -248,6 +248,7 @@ class LoRAMethod:
     supported_bases: tuple[type, ...] = (nn.Linear, Conv1D, Linear4bit)
 
     def apply(self, model: nn.Module, cfg: LoRAConfig) -> nn.Module:
+        cfg.target_modules = family_targets(model, cfg.target_modules)
         names = find_targets(model, cfg.target_modules, self.supported_bases)
         if cfg.quantize == "nf4":
             from peftkit.qlora import quantize_layers

@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.errors import ConfigError
-from peftkit.targets import linear_module_names, replace_module
+from peftkit.targets import family_targets, quantizable_names, replace_module
 
 logger = logging.getLogger(__name__)
 
@@ -25,21 +25,25 @@ def _require(package: str):
 
 
 def bnb_quantize(model: nn.Module, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
-    """Replace every linear layer but the head by a bitsandbytes NF4 `Linear4bit`, in place.
+    """Replace every linear layer but the heads by a bitsandbytes NF4 `Linear4bit`, in place.
 
+    GPT-2's `Conv1D` is transposed to (out, in), as transformers' bitsandbytes loader stores it.
     Weights are quantised explicitly from their full-precision values (fp32 in, fp32 quant
     state) rather than lazily on a device move, and bitsandbytes' CPU inference path, which
     repacks weights for an AVX512-BF16 kernel computing in bf16, is switched off: its fp32
     dequantise-and-matmul path is the reference (training uses it anyway).
     """
     bnb = _require("bitsandbytes")
-    for name in linear_module_names(model):
+    from transformers.pytorch_utils import Conv1D
+
+    for name in quantizable_names(model):
         linear = model.get_submodule(name)
-        compute = linear.weight.dtype
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+        weight = linear.weight.data.T if isinstance(linear, Conv1D) else linear.weight.data  # (out, in), as bnb's loader
+        compute = weight.dtype
+        layer = bnb.nn.Linear4bit(weight.shape[1], weight.shape[0], bias=linear.bias is not None,
                                   compute_dtype=compute, compress_statistics=double_quant, quant_type="nf4",
                                   device="meta")
-        packed, state = bnb.functional.quantize_4bit(linear.weight.data, blocksize=blocksize,
+        packed, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=blocksize,
                                                      compress_statistics=double_quant, quant_type="nf4")
         layer.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=blocksize,
                                          compress_statistics=double_quant, quant_type="nf4", bnb_quantized=True)
@@ -57,7 +61,8 @@ def peft_config(cfg: Any, model: nn.Module) -> Any:
 
     task_type = PEFT_TASK_TYPES[task_of_model(model)]
     if cfg.method == "lora":
-        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=cfg.target_modules,
+        return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                               target_modules=family_targets(model, cfg.target_modules),
                                use_rslora=cfg.rslora, use_dora=cfg.dora, task_type=task_type,
                                init_lora_weights="gaussian" if cfg.init == "gaussian" else True)
     if cfg.method == "prefix":

@@ -1,54 +1,35 @@
-"""Prefix-tuning (Li and Liang, 2021), from scratch, plus the plumbing it shares with prompt tuning.
+"""Prefix-tuning (Li and Liang, 2021), from scratch.
 
 Prefix-tuning trains `num_virtual_tokens` key/value pairs for every attention layer; every real
 token attends to them as if a (virtual) text preceded it. The prefix enters the frozen model as
-the first entries of transformers' `DynamicCache`, built on the first forward of a sequence:
+the first entries of transformers' key/value cache, built on the first forward of a sequence:
 
     prefix: (n, layers * 2 * kv_heads * head_dim)     peft's layout, saved as `prompt_embeddings`
-      -> per layer: key, value (batch, kv_heads, n, head_dim)   -> DynamicCache, then the input
+      -> per layer: key, value (batch, kv_heads, n, head_dim)   -> the cache, then the input
 
 Optionally (section 4.3 of the paper) the prefix is reparameterised while training as
 MLP(embedding): Embedding(n, kv width) -> Linear -> Tanh -> Linear, peft's `PrefixEncoder`; the
 MLP is folded into a plain prefix when saving, so a saved adapter is always plain.
 
-Like peft (`PeftModelForCausalLM.forward`), the attention mask gains `n` leading ones and real
-tokens sit at positions `n, n + 1, ...`: the virtual tokens occupy positions 0..n-1. Positions
-of real tokens follow the attention mask (as in `generate`), so a left-padded row gives the same
-logits as the unpadded one; peft's forward counts left pads as positions, so the two agree on
-unpadded and right-padded input, and on left-padded input given explicit `position_ids`. Masks
-passed in never include the virtual tokens; peftkit adds them.
-
-The model stays the same object: the adapter is a submodule (`model.peftkit_prefix`) and a
-forward pre-hook on the model instance, both removed again by `unload`.
+Decoders (causal LMs) and encoder-decoders (T5) take a prefix; on an encoder-decoder it goes,
+as in peft 0.21, into the decoder's self-attention only (see `PrefixEncoder`'s Note). Masks,
+positions and hooks are shared with prompt tuning, see `peftkit.virtual_tokens`.
 """
 
-import inspect
-import math
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from transformers import DynamicCache
+from transformers import DynamicCache, EncoderDecoderCache
 
 from peftkit.errors import AdapterError, ConfigError
+from peftkit.models.tasks import task_of_model
+from peftkit.virtual_tokens import (VirtualTokens, adapter_dtype, cache_kwarg, check_init, check_prompt_learning_config,
+                                    check_task, check_virtual_tokens, gradient_checkpointing, init_token_ids,
+                                    transformer_submodules)
 
 PREFIX_INITS = ("random", "tokens")
-
-
-def check_virtual_tokens(n: Any) -> None:
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ConfigError(f"num_virtual_tokens must be a positive integer, got {n!r}: 20 is a common choice")
-
-
-def check_init(init: Any, init_text: Any, inits: tuple[str, ...]) -> None:
-    if init not in inits:
-        raise ConfigError(f"init must be one of {inits}, got {init!r}")
-    if init_text is not None and (not isinstance(init_text, str) or not init_text):
-        raise ConfigError(f"init_text must be a non-empty string, got {init_text!r}")
-    if init_text is not None and init != "tokens":
-        raise ConfigError(f"init_text is only used with init: tokens, but init is {init!r}: set init: tokens")
 
 
 @dataclass
@@ -73,7 +54,10 @@ class PrefixConfig:
 
 
 def kv_layout(model: nn.Module) -> tuple[int, int, int]:
-    """(layers, key/value heads, head dim) of a decoder, worked out as peft does (GQA aware)."""
+    """(layers, key/value heads, head dim) of a decoder, worked out as peft does (GQA aware).
+
+    On T5, `num_hidden_layers` is the encoder's layer count and `head_dim` is `d_kv`.
+    """
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     try:
         layers, heads = config.num_hidden_layers, config.num_attention_heads
@@ -82,152 +66,6 @@ def kv_layout(model: nn.Module) -> tuple[int, int, int]:
         raise AdapterError(f"{type(model).__name__} has no decoder attention layout in its config ({exc}): "
                            f"prefix-tuning needs a transformers causal LM") from None
     return layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
-
-
-def adapter_dtype(model: nn.Module) -> torch.dtype:
-    """Virtual tokens stay in fp32 over a half-precision base, for stable updates (as peft does)."""
-    dtype = model.get_input_embeddings().weight.dtype
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
-def load_tokenizer(model: nn.Module) -> Any:
-    """The tokenizer of the model's own directory (the registry's tiny models build their own)."""
-    from peftkit.models import REGISTRY
-
-    source = getattr(model, "name_or_path", None) or ""
-    if source in REGISTRY and REGISTRY[source].is_tiny:
-        from peftkit.models.tiny import tiny_tokenizer
-
-        return tiny_tokenizer()
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(source)
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"init_text needs the model's tokenizer, which cannot be loaded from {source!r} "
-                          f"({type(exc).__name__}): load the model from a directory with its tokenizer, "
-                          f"or drop init_text") from None
-
-
-def init_token_ids(model: nn.Module, count: int, text: str | None) -> torch.Tensor:
-    """`count` token ids: the text's, repeated or cut to length (peft's TEXT init), else random ones."""
-    embeddings = model.get_input_embeddings()
-    if text is None:
-        return torch.randint(0, embeddings.num_embeddings, (count,), device=embeddings.weight.device)
-    ids = load_tokenizer(model)(text)["input_ids"]
-    if not ids:
-        raise ConfigError(f"init_text {text!r} gives no tokens: use a longer text")
-    ids = (ids * math.ceil(count / len(ids)))[:count]
-    return torch.tensor(ids, dtype=torch.long, device=embeddings.weight.device)
-
-
-def check_decoder(model: nn.Module, method: str) -> None:
-    """Virtual tokens are implemented for decoders (causal LMs); other tasks get a one-line error."""
-    from peftkit.models.tasks import task_of_model
-
-    task = task_of_model(model)
-    if task != "causal-lm":
-        raise AdapterError(f"{method} on a {task} model ({type(model).__name__}) is not supported yet: peftkit's "
-                           f"virtual tokens are checked against peft on causal LMs only; use LoRA (or DoRA) here")
-
-
-def check_prompt_learning_config(peft: dict) -> None:
-    """Reject what peftkit's prefix and prompt tuning do not do: encoder-decoders, extra modules."""
-    if peft.get("num_transformer_submodules") not in (1, None):
-        raise AdapterError(f"adapter_config.json sets num_transformer_submodules="
-                           f"{peft['num_transformer_submodules']!r} (an encoder-decoder adapter): peftkit loads "
-                           f"decoder-only (CAUSAL_LM) adapters")
-    if "num_virtual_tokens" not in peft:
-        raise AdapterError("adapter_config.json has no num_virtual_tokens: re-save the adapter")
-
-
-class VirtualTokens(nn.Module, ABC):
-    """`num_virtual_tokens` trained positions in front of every sequence, fed in by forward hooks.
-
-    The pre-hook turns every call into keywords, prepends ones to the attention mask, shifts
-    positions by `num_virtual_tokens`, and on the first forward of a sequence (no cache, or an
-    empty one) calls `inject`. Later calls, such as generate's decoding steps, find the virtual
-    tokens already in the cache.
-    """
-
-    attribute: ClassVar[str]  # the model attribute that holds the adapter
-
-    def __init__(self, num_virtual_tokens: int) -> None:
-        super().__init__()
-        self.num_virtual_tokens = num_virtual_tokens
-        self._positional: tuple[str, ...] = ()
-        self._cache_kwarg = "cache"
-
-    @abstractmethod
-    def inject(self, model: nn.Module, kwargs: dict[str, Any], batch: int) -> None:
-        """Put the virtual tokens into a first forward's keyword arguments (in place)."""
-
-    def attach(self, model: nn.Module) -> None:
-        params = inspect.signature(model.forward).parameters
-        self._positional = tuple(name for name, p in params.items() if p.kind is p.POSITIONAL_OR_KEYWORD)
-        self._cache_kwarg = cache_kwarg(model)
-        setattr(model, self.attribute, self)
-        model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
-
-    def detach(self, model: nn.Module) -> None:
-        """Remove the submodule and its hooks, found by owner so that a deep copy removes its own."""
-        for hooks, flags in ((model._forward_pre_hooks, model._forward_pre_hooks_with_kwargs),
-                             (model._forward_hooks, model._forward_hooks_with_kwargs)):
-            for key in [key for key, hook in hooks.items() if getattr(hook, "__self__", None) is self]:
-                del hooks[key]
-                flags.pop(key, None)
-        delattr(model, self.attribute)
-
-    def as_kwargs(self, args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Every argument of a forward call by name, the cache under the forward's own name."""
-        kwargs = {**dict(zip(self._positional, args)), **kwargs}
-        if self._cache_kwarg != "past_key_values" and "past_key_values" in kwargs:
-            kwargs.setdefault(self._cache_kwarg, kwargs.pop("past_key_values"))  # transformers' deprecated name
-        return kwargs
-
-    @staticmethod
-    def inputs(kwargs: dict[str, Any]) -> torch.Tensor | None:
-        return kwargs.get("inputs_embeds") if kwargs.get("input_ids") is None else kwargs["input_ids"]
-
-    def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-        kwargs = self.as_kwargs(args, kwargs)
-        inputs = self.inputs(kwargs)
-        if inputs is None:
-            return (), kwargs  # the model raises its own error
-        batch, length = inputs.shape[:2]
-        cache = kwargs.get(self._cache_kwarg)
-        if cache is not None and not isinstance(cache, DynamicCache):
-            raise AdapterError(f"{type(self).__name__} needs transformers' DynamicCache, got {type(cache).__name__}: "
-                               f"generate without cache_implementation (the dynamic cache is the default)")
-        n = self.num_virtual_tokens
-        mask, positions = kwargs.get("attention_mask"), kwargs.get("position_ids")
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
-                raise AdapterError(f"{type(self).__name__} needs a 2D attention mask (batch, tokens), got "
-                                   f"{getattr(mask, 'shape', type(mask).__name__)}: pass the tokenizer's mask")
-            if positions is None:  # positions of real tokens follow the mask, as generate computes them
-                positions = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
-        if positions is not None:
-            kwargs["position_ids"] = positions + n  # peft: "offset position_ids by num_virtual_tokens"
-        if cache is None or cache.get_seq_length() == 0:
-            self.inject(model, kwargs, batch)
-        return (), kwargs
-
-
-def cache_kwarg(model: nn.Module) -> str:
-    """The forward's cache argument: `cache` in recent transformers, `past_key_values` before."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model passes it on
-    params = inspect.signature(base.forward).parameters
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    raise AdapterError(f"{type(model).__name__}.forward takes no key/value cache: virtual tokens need a "
-                       f"transformers causal LM")
-
-
-def gradient_checkpointing(model: nn.Module) -> bool:
-    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
 class PrefixEncoder(VirtualTokens):
@@ -241,14 +79,23 @@ class PrefixEncoder(VirtualTokens):
         layers, heads, head_dim: the model's layer count, key/value heads and head dim.
         projection: train through Embedding -> Linear -> Tanh -> Linear (Li and Liang, 4.3).
         encoder_hidden_size: the MLP's hidden width.
+        task: the model's task; on `seq2seq` the prefix follows peft's encoder-decoder layout.
+
+    Note: on an encoder-decoder peft 0.21 (`PeftModel.get_prompt`, num_transformer_submodules=2)
+    doubles the table along the layers and cuts it into 4 tensors per decoder layer, read as
+    (self-attention key, value, cross-attention key, value); it then empties the cross-attention
+    cache so that it is rebuilt from the encoder. So decoder layer i attends to the table's layer
+    2i mod L (on 2 layers: layer 0 twice), the odd layers of the table are trained by nothing, and
+    the encoder and the cross-attention see no prefix. peftkit keeps that layout, so that the two
+    load each other's adapters with equal logits.
     """
 
     attribute = "peftkit_prefix"
 
     def __init__(self, num_virtual_tokens: int, layers: int, heads: int, head_dim: int, projection: bool = False,
-                 encoder_hidden_size: int | None = None, *, dtype: torch.dtype | None = None,
-                 device: torch.device | None = None) -> None:
-        super().__init__(num_virtual_tokens)
+                 encoder_hidden_size: int | None = None, task: str = "causal-lm", *,
+                 dtype: torch.dtype | None = None, device: torch.device | None = None) -> None:
+        super().__init__(num_virtual_tokens, task)
         self.layout = (layers, heads, head_dim)
         width = heads * head_dim  # peft's token_dim
         kwargs = {"dtype": dtype, "device": device}
@@ -293,17 +140,44 @@ class PrefixEncoder(VirtualTokens):
         kv = kv.permute(2, 3, 0, 4, 1, 5)  # (layers, key/value, batch, heads, n, head_dim)
         return [(kv[i, 0], kv[i, 1]) for i in range(layers)]
 
+    def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Decoders: see `VirtualTokens.prepare`. Encoder-decoders (peft's `PeftModelForSeq2SeqLM`):
+        the decoder's mask gains n leading ones and its cache starts with the prefix."""
+        if self.task != "seq2seq":
+            return super().prepare(model, kwargs)
+        decoder = [kwargs[k] for k in ("decoder_input_ids", "decoder_inputs_embeds", "labels")
+                   if kwargs.get(k) is not None]
+        if not decoder:
+            return kwargs  # the model raises its own error
+        batch = decoder[0].shape[0]
+        cache = kwargs.get(self._cache_kwarg)
+        if cache is not None and not isinstance(cache, EncoderDecoderCache):
+            raise AdapterError(f"prefix-tuning on an encoder-decoder needs transformers' EncoderDecoderCache, got "
+                               f"{type(cache).__name__}: generate without cache_implementation")
+        if (mask := kwargs.get("decoder_attention_mask")) is not None:
+            kwargs["decoder_attention_mask"] = self.extended_mask(mask, batch)
+        if cache is None or cache.get_seq_length() == 0:
+            self.inject(model, kwargs, batch)
+        return kwargs
+
     def inject(self, model: nn.Module, kwargs: dict[str, Any], batch: int) -> None:
         if model.training and torch.is_grad_enabled() and gradient_checkpointing(model):
             # transformers drops the cache inside checkpointed layers, which would drop the prefix silently
             raise AdapterError("prefix-tuning cannot train with gradient checkpointing (the checkpointed layers drop "
                                "the key/value cache that carries the prefix): disable gradient_checkpointing")
         cache = kwargs.get(self._cache_kwarg)
-        if cache is None:
-            cache = DynamicCache(config=model.config)
-        dtype = model.get_input_embeddings().weight.dtype
-        for layer, (key, value) in enumerate(self.key_values(batch, dtype)):
-            cache.update(key, value, layer)
+        key_values = self.key_values(batch, model.get_input_embeddings().weight.dtype)
+        if self.task == "seq2seq":
+            if cache is None:
+                cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
+            layers, target = len(key_values), cache.self_attention_cache
+            key_values = [key_values[2 * i % layers] for i in range(layers)]  # peft's layout, see the Note
+        else:
+            if cache is None:
+                cache = DynamicCache(config=model.config)
+            target = cache
+        for layer, (key, value) in enumerate(key_values):
+            target.update(key, value, layer)
         kwargs[self._cache_kwarg] = cache
 
     @torch.no_grad()
@@ -340,19 +214,29 @@ class PrefixMethod:
         """Attach a prefix shaped for the model's layers, key/value heads and head dim.
 
         Raises:
-            AdapterError: the model is not a transformers causal LM with a key/value cache.
-            ConfigError: init: tokens with an MLP too narrow to reproduce the token prefix, or an
-                init_text without a tokenizer.
+            AdapterError: the model is not a transformers causal LM or encoder-decoder with a
+                key/value cache, or an encoder-decoder with unequal encoder and decoder depth.
+            ConfigError: init: tokens on an encoder-decoder, or with an MLP too narrow to
+                reproduce the token prefix, or an init_text without a tokenizer.
         """
-        check_decoder(model, "prefix-tuning")
+        task = check_task(model, "prefix-tuning")
         layers, heads, head_dim = kv_layout(model)
+        if task == "seq2seq":
+            decoder_layers = getattr(model.config, "num_decoder_layers", layers)
+            if decoder_layers != layers:
+                raise AdapterError(f"prefix-tuning on {type(model).__name__} with {layers} encoder and "
+                                   f"{decoder_layers} decoder layers is not supported: peft's encoder-decoder "
+                                   f"prefix assumes equal depths; use prompt tuning or LoRA here")
+            if cfg.init == "tokens":
+                raise ConfigError("init: tokens is for decoders (the prefix repeats the model's own keys/values); on "
+                                  "an encoder-decoder use init: random")
         hidden = cfg.encoder_hidden_size or heads * head_dim
         if cfg.init == "tokens" and cfg.prefix_projection and hidden < cfg.num_virtual_tokens:
             raise ConfigError(f"init: tokens with prefix_projection needs encoder_hidden_size >= num_virtual_tokens "
                               f"({hidden} < {cfg.num_virtual_tokens}) so the MLP can reproduce the token prefix: "
                               f"raise encoder_hidden_size")
         encoder = PrefixEncoder(cfg.num_virtual_tokens, layers, heads, head_dim, cfg.prefix_projection,
-                                cfg.encoder_hidden_size, dtype=adapter_dtype(model),
+                                cfg.encoder_hidden_size, task, dtype=adapter_dtype(model),
                                 device=model.get_input_embeddings().weight.device)
         if cfg.init == "tokens":  # before attaching: the base model computes the token prefix
             encoder.init_from_tokens(model, init_token_ids(model, cfg.num_virtual_tokens, cfg.init_text))
@@ -379,7 +263,8 @@ class PrefixMethod:
         return {
             "peft_type": self.peft_type, "task_type": "CAUSAL_LM", "num_virtual_tokens": cfg.num_virtual_tokens,
             "token_dim": heads * head_dim, "num_attention_heads": heads, "num_layers": layers,
-            "num_transformer_submodules": 1, "prefix_projection": cfg.prefix_projection,
+            "num_transformer_submodules": transformer_submodules(task_of_model(model)),
+            "prefix_projection": cfg.prefix_projection,
             "encoder_hidden_size": cfg.encoder_hidden_size or heads * head_dim, "init_weights": None,
             "modules_to_save": None, "inference_mode": True,
         }

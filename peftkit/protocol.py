@@ -5,7 +5,9 @@ A model carries its adapter's config as `model.peftkit_config`; `method_of(model
 method that applied it. Module-based methods (LoRA, DoRA, QLoRA) mark their trainable tensors
 with `adapter_parameter_names`; their state dict uses peft's key names. An adapter module may name
 its own keys (`peft_parameters`) and compute its own saved tensors (`peft_state_dict`): prefix and
-prompt tuning save the bare key `prompt_embeddings`, with prefix-tuning's MLP folded in.
+prompt tuning save the bare key `prompt_embeddings`, with prefix-tuning's MLP folded in; beside
+them a classification head is saved under `base_model.classifier.weight`, without LoRA's `.model`,
+since peft wraps no tuner model around the base for prompt learning.
 """
 
 from typing import Any, Protocol
@@ -17,8 +19,10 @@ from peftkit.errors import AdapterError
 from peftkit.lora import LoRAMethod
 from peftkit.prefix import PrefixMethod
 from peftkit.prompt import PromptMethod
+from peftkit.virtual_tokens import VirtualTokens
 
 PEFT_PREFIX = "base_model.model."  # peft's saved keys start with this
+PROMPT_LEARNING_PREFIX = "base_model."  # ... or, with prefix and prompt tuning, with this
 
 
 class AdapterMethod(Protocol):
@@ -61,29 +65,34 @@ def adapter_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if hasattr(m, "adapter_parameter_names")}
 
 
-def module_parameters(name: str, module: nn.Module) -> dict[str, nn.Parameter]:
+def key_prefix(model: nn.Module) -> str:
+    """The start of peft's saved keys for this model's adapter modules (LoRA's, or a trained head)."""
+    return PROMPT_LEARNING_PREFIX if any(isinstance(m, VirtualTokens) for m in model.children()) else PEFT_PREFIX
+
+
+def module_parameters(name: str, module: nn.Module, prefix: str = PEFT_PREFIX) -> dict[str, nn.Parameter]:
     """One adapter module's parameters under peft's key names: its own, or its declared names."""
     if hasattr(module, "peft_parameters"):
         return module.peft_parameters()
-    return {f"{PEFT_PREFIX}{name}.{pname}": module.get_parameter(pname) for pname in module.adapter_parameter_names}
+    return {f"{prefix}{name}.{pname}": module.get_parameter(pname) for pname in module.adapter_parameter_names}
 
 
 def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """The adapter's parameters under peft's saved key names, from each module's declared names."""
-    params = {}
+    params, prefix = {}, key_prefix(model)
     for name, module in adapter_modules(model).items():
-        params.update(module_parameters(name, module))
+        params.update(module_parameters(name, module, prefix))
     return params
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors only, detached and contiguous, under peft's key names."""
-    state = {}
+    state, prefix = {}, key_prefix(model)
     for name, module in adapter_modules(model).items():
         if hasattr(module, "peft_state_dict"):
             state.update(module.peft_state_dict())
         else:
-            state.update({key: p.detach().contiguous() for key, p in module_parameters(name, module).items()})
+            state.update({key: p.detach().contiguous() for key, p in module_parameters(name, module, prefix).items()})
     return state
 
 

@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peftkit.errors import AdapterError
 from peftkit.nf4 import Linear4bit, quantize_nf4
-from peftkit.targets import linear_module_names, replace_module
+from peftkit.targets import kept_in_full_precision, quantizable_names, replace_module
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +24,19 @@ def quantize_layers(model: nn.Module, names: list[str], blocksize: int = 64, dou
     """Replace the named `nn.Linear` (or GPT-2 `Conv1D`) layers by `Linear4bit`; returns how many were quantised.
 
     A Conv1D's (in, out) weight is quantised transposed, as (out, in), as transformers' bitsandbytes
-    loader does, so the 4-bit layer computes the same x @ W + b. A layer whose weight is not a whole number of blocks stays in full precision, with a
-    warning naming it (bitsandbytes would pad the last block; a skipped layer keeps exact weights).
+    loader does, so the 4-bit layer computes the same x @ W + b. A layer whose weight is not a
+    whole number of blocks stays in full precision, with a warning naming it (bitsandbytes would
+    pad the last block; a skipped layer keeps exact weights); so does one the model keeps in full
+    precision (T5's `wo`), as transformers' bitsandbytes loader leaves it.
     """
     quantized = 0
     for name in names:
         layer = model.get_submodule(name)
         if isinstance(layer, Linear4bit):
+            continue
+        if kept_in_full_precision(model, name):
+            logger.info("%s: %s keeps this layer in full precision (_keep_in_fp32_modules); not quantised",
+                        name, type(model).__name__)
             continue
         if not isinstance(layer, (nn.Linear, Conv1D)):
             raise AdapterError(f"cannot quantise {name!r}: it is a {type(layer).__name__}; NF4 quantises nn.Linear "
@@ -51,7 +57,7 @@ def quantize_layers(model: nn.Module, names: list[str], blocksize: int = 64, dou
 
 def quantize_model(model: nn.Module, blocksize: int = 64, double_quant: bool = True) -> nn.Module:
     """Quantise every linear layer except the output head, in place (as bitsandbytes' loader does)."""
-    count = quantize_layers(model, linear_module_names(model), blocksize, double_quant)
+    count = quantize_layers(model, quantizable_names(model), blocksize, double_quant)
     logger.info("quantised %d linear layers to NF4 (block %d, double quant %s)", count, blocksize, double_quant)
     return model
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from peftkit.errors import ConfigError
+from peftkit.errors import ConfigError, ModelError
 from peftkit.presets import builtin_dir, builtin_names, read_yaml
 
 
@@ -23,7 +23,7 @@ from peftkit.presets import builtin_dir, builtin_names, read_yaml
 class DataConfig:
     # a data name (alpaca, sst2, e2e, gsm8k) or a local JSON/JSONL/CSV/TSV file; a list mixes several sources
     train: str | list[str] = "alpaca"
-    format: str | None = None  # alpaca | chat | text | sst2 | e2e | gsm8k; None: each data name's own format
+    format: str | None = None  # alpaca | chat | text | sst2 | e2e | gsm8k | seq2seq; None: each data name's own format
     max_length: int = 512  # tokens per example; longer completions are cut, keeping the end-of-turn
     eval_fraction: float | None = None  # held-out share, never trained on; None: the eval task's (0.05, E2E 0.2 of mrs)
     packing: bool = False  # pack examples into max_length rows; they never attend to each other
@@ -89,6 +89,8 @@ class EvalConfig:
 @dataclass
 class Recipe:
     model: str = "smollm2-135m"  # registry name, local model directory or hub id
+    task: str | None = None  # causal-lm | seq-cls | token-cls | seq2seq; None: the model's own (registry or saved)
+    num_labels: int | None = None  # classes of a seq-cls head; needed with seq-cls, must cover the data's labels
     adapter: str | dict = "lora"  # a preset in adapters/, a path, or an inline mapping
     adapter_overrides: dict = field(default_factory=dict)  # fields replacing the preset's, e.g. {r: 16}
     impl: str = "peftkit"  # peftkit, or peft: the same preset through Hugging Face peft, for comparison
@@ -99,21 +101,39 @@ class Recipe:
     # A comparison: run name -> recipe overrides, e.g. {qlora: {adapter: qlora}, lora-peft: {impl: peft}}.
     # Each trains into output/<name> with everything else shared; a report on all lands in output/report.
     methods: dict = field(default_factory=dict)
+    # Several base models, the same method(s) on each: every model trains into output/<model>
+    # (output/<model>-<method> with methods), one report over all of them.
+    models: list[str] = field(default_factory=list)
+
+    @property
+    def is_study(self) -> bool:
+        """Several runs (methods or models) and a report, rather than one run."""
+        return bool(self.methods or self.models)
 
     def check(self) -> None:
         """Every check that needs no model: values, the adapter preset, data file, eval tasks."""
-        if self.methods:
-            method_recipes(self)  # builds and checks every method's recipe
+        if self.is_study:
+            method_recipes(self)  # builds and checks every run's recipe
             return
         self._check_run()
 
     def _check_run(self) -> None:
         from peftkit.api import resolve_adapter
         from peftkit.data import FORMATS, resolve_source
+        from peftkit.models.loader import check_model_task
+        from peftkit.models.tasks import TASKS
 
         _require(self.impl in ("peftkit", "peft"), "impl", "must be peftkit or peft", self.impl)
+        _require(self.task is None or self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", self.task)
+        _require(self.num_labels is None or self.num_labels >= 2, "num_labels", "must be >= 2", self.num_labels)
+        _require(self.num_labels is None or self.task in ("seq-cls", "token-cls", None), "num_labels",
+                 f"is for task seq-cls or token-cls, not {self.task} (drop num_labels or set task)", self.num_labels)
         for section in (self.data, self.train, self.eval):
             section.check()
+        try:
+            check_model_task(self.model, self.task, self.num_labels)
+        except ModelError as exc:
+            raise ConfigError(f"task: {exc}") from None
         try:
             resolve_adapter(self.adapter, **self.adapter_overrides)
         except ConfigError as exc:
@@ -138,29 +158,44 @@ class Recipe:
 
 
 def method_recipes(recipe: Recipe) -> dict[str, Recipe]:
-    """The single-run recipe of each entry of `recipe.methods`, validated; errors name the method.
+    """The single-run recipe of each method on each model, validated; errors name the run.
 
     A method's mapping is merged into the shared recipe key by key (sections such as `train`
-    are merged, `adapter` is replaced whole), and its output is `<output>/<name>`.
+    are merged, `adapter` is replaced whole), and its output is `<output>/<name>`. With `models`,
+    every method runs on every model: run names are `<model>` alone, or `<model>-<method>`.
     """
-    shared = {k: v for k, v in recipe.to_dict().items() if k != "methods"}
-    runs = {}
-    for name, overrides in recipe.methods.items():
-        where = f"methods.{name}"
-        _require(isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum(), "methods",
+    shared = {k: v for k, v in recipe.to_dict().items() if k not in ("methods", "models")}
+    methods = recipe.methods or {"": {}}
+    for name, overrides in methods.items():
+        _require(isinstance(name, str) and (name == "" and not recipe.methods or _run_name_ok(name)), "methods",
                  "run names must be letters, digits, - and _", name)
-        _require(isinstance(overrides, dict), where, "expected a mapping of recipe overrides", overrides)
-        _require("output" not in overrides and "methods" not in overrides, where,
-                 "cannot set output or methods (each method trains into <output>/<name>)", sorted(overrides))
-        values = _merge(shared, overrides)
-        values["output"] = str(Path(recipe.output) / name)
-        try:
-            run = build(Recipe, values, "")
-            run._check_run()
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        runs[name] = run
+        _require(isinstance(overrides, dict), f"methods.{name}", "expected a mapping of recipe overrides", overrides)
+        _require(not {"output", "methods", "models"} & set(overrides), f"methods.{name}",
+                 "cannot set output, methods or models (each run trains into <output>/<name>)", sorted(overrides))
+        _require(not (recipe.models and "model" in overrides), f"methods.{name}",
+                 "cannot set model when the recipe lists models (every method runs on each)", sorted(overrides))
+    _require(len(set(recipe.models)) == len(recipe.models), "models", "lists a model twice", recipe.models)
+    runs = {}
+    for model in recipe.models or [None]:
+        label = Path(model).name if model else ""
+        _require(model is None or bool(label), "models", "entries must be registry names or model directories", model)
+        for method, overrides in methods.items():
+            name = "-".join(part for part in (label, method) if part)
+            where = f"models.{model}" + (f", methods.{method}" if method else "") if model else f"methods.{method}"
+            values = _merge(shared, {**overrides, **({"model": model} if model else {})})
+            values["output"] = str(Path(recipe.output) / name)
+            try:
+                run = build(Recipe, values, "")
+                run._check_run()
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: {exc}") from None
+            _require(name not in runs, "models", f"two runs would share the directory {name}", model)
+            runs[name] = run
     return runs
+
+
+def _run_name_ok(name: str) -> bool:
+    return bool(name) and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
 
 
 def _merge(base: dict, overrides: dict) -> dict:

@@ -1,9 +1,11 @@
-"""Recipes with `methods`: train several methods on the same data, seed and budget, then compare.
+"""Recipes with `methods` (or `models`): train several methods, or one method on several base
+models, on the same data, seed and budget, then compare.
 
     runs/compare-methods/
       recipe.yaml      the resolved shared recipe, methods included
       methods/         each method's own resolved recipe (`peftkit train methods/lora.yaml` reruns one)
-      lora/            one ordinary run directory per method (see peftkit.train)
+      lora/            one ordinary run directory per method (see peftkit.train); with models:
+                       <model>/ or <model>-<method>/
       lora-peft/
       ...
       report/          report.md and report.html from `peftkit compare` over all of them

@@ -7,6 +7,7 @@
   trains fully instead (peft 0.21 targets a token classifier's head too, then fails to train it).
 """
 
+import logging
 import re
 from collections.abc import Iterable
 
@@ -17,7 +18,10 @@ from peftkit.errors import AdapterError
 from peftkit.models.tasks import HEAD_NAMES
 from peftkit.nf4 import Linear4bit
 
+logger = logging.getLogger(__name__)
+
 ALL_LINEAR = "all-linear"
+QUERY_VALUE = ["q_proj", "v_proj"]  # the lora preset's targets, in Llama's names
 LINEAR_TYPES = (nn.Linear, Conv1D, Linear4bit)
 
 
@@ -38,9 +42,34 @@ def linear_module_names(model: nn.Module) -> list[str]:
             if isinstance(module, LINEAR_TYPES) and name not in heads]
 
 
+def kept_in_full_precision(model: nn.Module, name: str) -> bool:
+    """A layer the model asks to keep unquantised (`_keep_in_fp32_modules`, e.g. T5's `wo`, whose
+    forward casts its input to the weight's dtype), which transformers' 4-bit loader skips too."""
+    kept = getattr(model, "_keep_in_fp32_modules", None) or ()
+    return any(part in kept for part in name.split("."))
+
+
+def quantizable_names(model: nn.Module) -> list[str]:
+    """The linear layers a 4-bit base quantises: all but the heads and the layers kept in full precision."""
+    return [name for name in linear_module_names(model) if not kept_in_full_precision(model, name)]
+
+
 def expand_all_linear(model: nn.Module) -> list[str]:
     """`all-linear` as peft saves it: the sorted set of last name components."""
     return sorted({name.rsplit(".", 1)[-1] for name in linear_module_names(model)})
+
+
+def family_targets(model: nn.Module, target_modules: str | list[str]) -> str | list[str]:
+    """The lora preset's `[q_proj, v_proj]` in the names of a family that calls them otherwise
+    (BERT: query, value; T5: q, v; GPT-2: c_attn), as peft's per-model defaults; anything else as given."""
+    from peftkit.models.registry import family_of
+
+    family = family_of(getattr(getattr(model, "config", None), "model_type", ""))
+    own = getattr(family, "QUERY_VALUE", None)
+    if target_modules != QUERY_VALUE or own is None or any(matches(n, QUERY_VALUE) for n, _ in model.named_modules()):
+        return target_modules
+    logger.info("target_modules %s: this %s model calls them %s", QUERY_VALUE, model.config.model_type, list(own))
+    return list(own)
 
 
 def matches(name: str, target_modules: str | Iterable[str]) -> bool:

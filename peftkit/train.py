@@ -22,17 +22,18 @@ import torch
 import yaml
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import set_seed
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, TrainingArguments, set_seed
 
 from peftkit.api import apply_adapter, resolve_adapter, trainable_parameters
 from peftkit.checkpoint import WEIGHTS_NAME, read_adapter_weights, save_adapter
 from peftkit.data import DataStats, e2e_split, read_rows, resolve_source, tokenize_rows
+from peftkit.data_tasks import tokenize_classes, tokenize_seq2seq
 from peftkit.evaluation.splits import split_heldout
 from peftkit.errors import ConfigError
-from peftkit.models import load_model
+from peftkit.models import load_model, task_of_model
 from peftkit.protocol import load_adapter_state_dict
 from peftkit.recipe import Recipe, save_resolved
-from peftkit.trainer import PeftkitTrainer, checkpoints, peak_memory_mb
+from peftkit.trainer import PeftkitTrainer, TaskTrainer, checkpoints, peak_memory_mb
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,10 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
 
     started = time.perf_counter()
     set_seed(recipe.train.seed)  # the adapter's random init too: same seed, same run
-    model, tokenizer = load_model(recipe.model, dtype=train_dtype(recipe.train.precision))
-    train_set, stats = build_datasets(recipe, tokenizer, sources)
+    model, tokenizer = load_model(recipe.model, dtype=train_dtype(recipe.train.precision), task=recipe.task,
+                                  num_labels=recipe.num_labels)
+    task = task_of_model(model)
+    train_set, stats = build_datasets(recipe, tokenizer, sources, task)
     if recipe.impl == "peft":
         from peftkit.peft_backend import apply_peft, load_peft_weights, save_peft
 
@@ -79,9 +82,14 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     # example, so examples never attend to each other): no compute is spent on pad tokens.
     # Virtual-token methods need the padded layout: their cache would bridge packed examples.
     padding_free = adapter_cfg.method == "lora"
-    trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free), train_dataset=train_set,
-                             processing_class=tokenizer, run_dir=out, save_adapter=save_fn,
-                             load_adapter_weights=load_fn)
+    run_dir = {"run_dir": out, "save_adapter": save_fn, "load_adapter_weights": load_fn}
+    if task == "causal-lm":
+        trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free), train_dataset=train_set,
+                                 processing_class=tokenizer, **run_dir)
+    else:  # the model computes its own loss from the labels: a class id, or the target's tokens
+        collator = DataCollatorWithPadding(tokenizer) if task == "seq-cls" else DataCollatorForSeq2Seq(tokenizer)
+        trainer = TaskTrainer(model=model, args=TrainingArguments(**training_arguments(recipe, out), remove_unused_columns=False),
+                              train_dataset=train_set, data_collator=collator, processing_class=tokenizer, **run_dir)
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if not trainer.args.should_save:
         return out  # other data-parallel ranks: the main process writes the run directory
@@ -138,24 +146,41 @@ def data_sources(recipe: Recipe) -> list[tuple[str, Path, str]]:
         path, default_format = resolve_source(source)
         fmt = recipe.data.format or default_format
         if fmt is None:
-            raise ConfigError(f"data.format: required for {source} (alpaca, chat, text, sst2, e2e or gsm8k)")
+            raise ConfigError(f"data.format: required for {source} (alpaca, chat, text, sst2, e2e, gsm8k or seq2seq)")
         if not path.is_file():
             raise ConfigError(f"data.train: {path} does not exist: fix the path or set PEFTKIT_DATA")
         found.append((source, path, fmt))
     return found
 
 
-def build_datasets(recipe: Recipe, tokenizer, sources: list[tuple[str, Path, str]]) -> tuple[Dataset, DataStats]:
-    """Read, split (deterministically), limit and tokenise each source's training part; mixed sources
-    are concatenated (the trainer's seeded sampler shuffles them together). The held-out parts are
-    left out here and scored by the eval tasks (`alpaca-heldout`, `e2e`), which split the same way."""
+def build_datasets(recipe: Recipe, tokenizer, sources: list[tuple[str, Path, str]],
+                   task: str = "causal-lm") -> tuple[Dataset, DataStats]:
+    """Read, split (deterministically), limit and tokenise each source's training part for the
+    model's task; mixed sources are concatenated (the trainer's seeded sampler shuffles them
+    together). The held-out parts are left out here and scored by the eval tasks
+    (`alpaca-heldout`, `e2e`), which split the same way.
+
+    Raises:
+        ConfigError: a format the task cannot read, labels the head cannot hold, or no usable example.
+    """
+    if task == "token-cls":
+        raise ConfigError("task: token-cls has no training data format yet (it needs a label per token): train it "
+                          "through the Python API (peftkit.apply_adapter + your own Trainer)")
+    if task != "causal-lm" and recipe.data.packing:
+        raise ConfigError(f"data.packing: task {task} trains one example per row: set data.packing: false")
     columns: dict[str, list] = {"input_ids": [], "labels": []}
     stats = DataStats()
     for name, path, fmt in sources:
         train_rows, held_rows = split_rows(read_rows(path), fmt, recipe.data.eval_fraction)
         if recipe.data.limit:
             train_rows = train_rows[: recipe.data.limit]
-        part, part_stats = tokenize_rows(tokenizer, train_rows, fmt, recipe.data.max_length)
+        max_length = recipe.data.max_length
+        if task == "seq-cls":
+            part, part_stats = tokenize_classes(tokenizer, train_rows, fmt, max_length, recipe.num_labels, name)
+        elif task == "seq2seq":
+            part, part_stats = tokenize_seq2seq(tokenizer, train_rows, fmt, max_length)
+        else:
+            part, part_stats = tokenize_rows(tokenizer, train_rows, fmt, max_length)
         if not part["input_ids"]:
             raise ConfigError(f"data.train: no usable example in {path} at max_length {recipe.data.max_length}: "
                               f"raise data.max_length")
@@ -178,25 +203,33 @@ def split_rows(rows: list, fmt: str, fraction: float | None) -> tuple[list, list
     return [rows[i] for i in train_idx], [rows[i] for i in held_idx]
 
 
-def sft_config(recipe: Recipe, out: Path, padding_free: bool = False):
-    from trl import SFTConfig
-
-    t, d = recipe.train, recipe.data
+def training_arguments(recipe: Recipe, out: Path) -> dict[str, Any]:
+    """transformers' TrainingArguments of a recipe, shared by every task."""
+    t = recipe.train
     dtype = train_dtype(t.precision)
-    return SFTConfig(
+    return dict(
         output_dir=str(out / "checkpoints"), num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum,
         learning_rate=t.lr, lr_scheduler_type="constant_with_warmup" if t.scheduler == "constant" else t.scheduler,
         warmup_steps=t.warmup_ratio, weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, use_cpu=not torch.cuda.is_available(),
-        gradient_checkpointing=t.gradient_checkpointing, gradient_checkpointing_kwargs={"use_reentrant": False},
+        activation_checkpointing=t.gradient_checkpointing, activation_checkpointing_kwargs={"use_reentrant": False},
         seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
-        report_to="none", packing=d.packing, packing_strategy="bfd", padding_free=padding_free or d.packing,
+        report_to="none", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
+        disable_tqdm=False, optim="adamw_torch")
+
+
+def sft_config(recipe: Recipe, out: Path, padding_free: bool = False):
+    """trl's SFTConfig: the shared arguments, and how rows are padded or packed."""
+    from trl import SFTConfig
+
+    d = recipe.data
+    return SFTConfig(
+        **training_arguments(recipe, out), packing=d.packing, packing_strategy="bfd",
+        padding_free=padding_free or d.packing,
         # examples are already cut to data.max_length (keeping the end-of-turn); packing needs the row length
-        max_length=d.max_length if d.packing or not padding_free else None,
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=False,
-        optim="adamw_torch")
+        max_length=d.max_length if d.packing or not padding_free else None)
 
 
 def run_eval(recipe: Recipe, model, tokenizer, out: Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""trl's SFTTrainer with peftkit's run directory: safetensors checkpoints, metrics.jsonl, a
+"""trl's SFTTrainer (language models) and transformers' Trainer (classification heads,
+encoder-decoders) with peftkit's run directory: safetensors checkpoints, metrics.jsonl, a
 progress bar, and a guard against a diverging loss.
 
 Note: transformers' own checkpoints pickle the optimizer, scheduler and RNG states
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
@@ -76,8 +77,9 @@ class ProgressBar(TrainerCallback):
             self.bar.close()
 
 
-class PeftkitTrainer(SFTTrainer):
-    """SFTTrainer writing peftkit's run directory; `save_adapter(model, dir)` saves the adapter."""
+class RunDirectory:
+    """What peftkit adds to a transformers Trainer: its run directory; `save_adapter(model, dir)`
+    saves the adapter, `load_adapter_weights(model, dir)` restores it on resume."""
 
     def __init__(self, *args, run_dir: Path, save_adapter, load_adapter_weights, **kwargs) -> None:
         super().__init__(*args, **kwargs)
@@ -202,3 +204,11 @@ class PeftkitTrainer(SFTTrainer):
     def _save_scaler(self, output_dir) -> None:
         """See `_load_scaler`."""
 
+
+class PeftkitTrainer(RunDirectory, SFTTrainer):
+    """trl's SFTTrainer (causal language models) writing peftkit's run directory."""
+
+
+class TaskTrainer(RunDirectory, Trainer):
+    """transformers' Trainer (seq-cls heads, seq2seq models: the model computes its own loss)
+    writing peftkit's run directory."""

@@ -41,7 +41,7 @@ def test_summaries_and_pairs(runs):
 def test_markdown_and_html(runs, tmp_path):
     out = compare(runs, tmp_path / "report")
     markdown = (out / "report.md").read_text()
-    assert "| lora | lora | peftkit |" in markdown and "| lora-peft | lora | peft |" in markdown
+    assert "| lora | tiny-llama | lora | peftkit |" in markdown and "| lora-peft | tiny-llama | lora | peft |" in markdown
     assert "sst2/accuracy" in markdown and "lora vs lora-peft: sst2/accuracy | 75 | 70 | 5" in markdown
     assert "Shared setup: model tiny-llama; data " in markdown and "; 4 steps x batch 4; seed 7." in markdown
     assert "## Not scored\n\n- dora: e2e: cannot generate" in markdown

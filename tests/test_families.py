@@ -226,9 +226,3 @@ def test_merge_writes_a_plain_model_of_each_family(family, tmp_path):
     batch = inputs(family)
     assert (logits(plain, batch) - logits(model, batch)).abs().max() <= TOL
 
-
-@pytest.mark.parametrize("family", ["t5", "bert-seq-cls"])
-@pytest.mark.parametrize("method", ["prefix", "prompt"])
-def test_virtual_tokens_on_non_decoders_are_a_one_line_error(family, method):
-    with pytest.raises(AdapterError, match=r"on a (seq2seq|seq-cls) model .* is not supported yet.*use LoRA"):
-        peftkit.apply_adapter(load(family), method, num_virtual_tokens=4)

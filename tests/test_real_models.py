@@ -8,6 +8,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import peftkit
 from peftkit.models import REGISTRY, ensure_cached
+from peftkit.models.loader import PLAIN_CHAT_TEMPLATE
 from peftkit.models.tasks import PEFT_TASK_TYPES
 from tests.conftest import randomize_adapter
 
@@ -41,7 +42,7 @@ def test_real_model_config(real):
         assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                 cfg.head_dim, cfg.vocab_size) == (18, 640, 4, 1, 256, 262144)
         assert cfg.layer_types.count("full_attention") == 3 and cfg.tie_word_embeddings
-        assert tokenizer.chat_template is None
+        assert tokenizer.chat_template == PLAIN_CHAT_TEMPLATE  # the file has none: peftkit's plain layout
     elif real == "qwen2.5-0.5b":
         assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
                 cfg.vocab_size) == (24, 896, 14, 2, 151936)

@@ -4,6 +4,7 @@ import pytest
 import yaml
 
 from peftkit.errors import ConfigError
+from peftkit.models import REGISTRY
 from peftkit.presets import builtin_names
 from peftkit.recipe import load_recipe, parse_override
 
@@ -11,14 +12,24 @@ SHIPPED = builtin_names("recipes")
 
 
 def test_the_issue_names_are_shipped():
-    for name in ("lora-alpaca", "qlora-alpaca", "prefix-alpaca", "lora-sst2", "lora-e2e"):
+    for name in ("lora-alpaca", "qlora-alpaca", "prefix-alpaca", "lora-sst2", "lora-e2e", "lora-sst2-minilm"):
         assert name in SHIPPED and f"{name}-smoke" in SHIPPED
+    assert {"lora-alpaca-gemma3-smoke", "lora-alpaca-qwen2-smoke", "qlora-alpaca-qwen2-smoke",
+            "prefix-alpaca-gemma3-smoke"} <= set(SHIPPED)
+
+
+def test_new_family_recipes_name_their_model_and_task():
+    minilm = load_recipe("lora-sst2-minilm")
+    assert (minilm.model, minilm.task, minilm.num_labels, minilm.eval.limit) == ("minilm-l6", "seq-cls", 2, None)
+    assert load_recipe("qlora-alpaca-qwen2-smoke").model == "qwen2.5-0.5b"
+    assert load_recipe("prefix-alpaca-gemma3-smoke").adapter == "prefix"
+    assert load_recipe("compare-models-smoke").models == ["smollm2-135m", "gemma3-270m", "qwen2.5-0.5b"]
 
 
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_recipes_validate_both_impls(name):
     recipe = load_recipe(name)
-    assert recipe.model == "smollm2-135m" and recipe.output == f"runs/{name}"
+    assert recipe.model in REGISTRY and recipe.output == f"runs/{name}"
     assert load_recipe(name, ["impl=peft"]).impl == "peft"
 
 

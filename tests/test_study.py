@@ -40,10 +40,42 @@ def test_methods_share_everything_but_their_overrides(tmp_path):
     assert {run.data.sources == ["sst2", "e2e"] and run.train.seed == 3 for run in runs.values()} == {True}
 
 
+def test_models_run_every_method_on_every_model(tmp_path):
+    runs = method_recipes(load_recipe(str(write_study(tmp_path, models=["tiny-qwen2", "tiny-gpt2"]))))
+    assert list(runs) == ["tiny-qwen2-lora", "tiny-qwen2-lora-peft", "tiny-qwen2-prefix", "tiny-gpt2-lora",
+                          "tiny-gpt2-lora-peft", "tiny-gpt2-prefix"]
+    assert runs["tiny-gpt2-prefix"].model == "tiny-gpt2" and runs["tiny-gpt2-prefix"].train.lr == 5e-3
+    assert runs["tiny-qwen2-lora"].output == str(tmp_path / "study" / "tiny-qwen2-lora")
+    alone = method_recipes(load_recipe(str(write_study(tmp_path, models=["tiny-qwen2", "tiny-gpt2"], methods={}))))
+    assert list(alone) == ["tiny-qwen2", "tiny-gpt2"] and alone["tiny-gpt2"].adapter == "lora"
+
+
+def test_models_study_trains_each_model_into_one_report(tmp_path):
+    recipe = load_recipe(str(write_study(tmp_path, models=["tiny-llama", "tiny-gpt2"], methods={},
+                                         train={"max_steps": 2, "batch_size": 4, "lr": 1.0e-2, "logging_steps": 1,
+                                                "save_steps": 2, "seed": 3})))
+    report = train_methods(recipe, source="study.yaml")
+    markdown = (report / "report.md").read_text()
+    assert "| tiny-llama | tiny-llama | lora | peftkit |" in markdown and "| tiny-gpt2 | tiny-gpt2 | lora |" in markdown
+    assert "Models tiny-llama, tiny-gpt2; shared setup: data sst2 + e2e" in markdown
+    config = json.loads((tmp_path / "study" / "tiny-gpt2" / "adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["c_attn"] and config["fan_in_fan_out"] is True
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"models": ["tiny-gpt2", "tiny-gpt2"]}, "models: lists a model twice"),
+    ({"models": ["tiny-gpt2"], "methods": {"a": {"model": "tiny-qwen2"}}}, "methods.a: cannot set model"),
+    ({"models": ["tiny-gpt2"], "methods": {"a": {"task": "seq2seq"}}}, "models.tiny-gpt2, methods.a: "),
+])
+def test_bad_models_name_the_run(tmp_path, extra, message):
+    with pytest.raises(ConfigError, match="^" + message.replace(".", r"\.")):
+        load_recipe(str(write_study(tmp_path, **extra)))
+
+
 @pytest.mark.parametrize("methods, message", [
     ({"a": {"train": {"lrr": 1}}}, "methods.a: unknown key train.lrr: did you mean train.lr?"),
     ({"a": {"adapter": "lorra"}}, "methods.a: adapter: unknown adapter preset 'lorra'"),
-    ({"a": {"output": "x"}}, "methods.a: cannot set output or methods"),
+    ({"a": {"output": "x"}}, "methods.a: cannot set output, methods or models"),
     ({"a": "lora"}, "methods.a: expected a mapping"),
     ({"a/b": {}}, "methods: run names must be letters, digits"),
 ])

@@ -19,8 +19,8 @@ def is_run_dir(path: Path) -> bool:
     return path.is_dir() and (path / "recipe.yaml").is_file()
 
 
-def _run_parts(run: Path) -> tuple[str, Path, dict]:
-    """(base model, adapter directory, the recipe's eval section) of a run directory."""
+def _run_parts(run: Path) -> tuple[str, Path, dict, dict]:
+    """(base model, adapter directory, the recipe's eval section, its task and num_labels) of a run directory."""
     recipe = read_yaml(run / "recipe.yaml")
     model = recipe.get("model")
     if not isinstance(model, str) or not model:
@@ -30,7 +30,8 @@ def _run_parts(run: Path) -> tuple[str, Path, dict]:
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"run {run} has no adapter/adapter_config.json: finish training first, or pass the base "
                           f"model and --adapter DIR")
-    return model, adapter, recipe.get("eval") if isinstance(recipe.get("eval"), dict) else {}
+    head = {key: recipe.get(key) for key in ("task", "num_labels")}
+    return model, adapter, recipe.get("eval") if isinstance(recipe.get("eval"), dict) else {}, head
 
 
 def eval_command(target: str, tasks: str | None = None, adapter: str | None = None, out: str | None = None,
@@ -61,18 +62,18 @@ def eval_command(target: str, tasks: str | None = None, adapter: str | None = No
         if adapter is not None:
             raise ConfigError(f"{run} is a run directory with its own adapter: drop --adapter, or evaluate the base "
                               f"model with --adapter DIR")
-        base, adapter_dir, recipe_eval = _run_parts(run)
+        base, adapter_dir, recipe_eval, head = _run_parts(run)
         tasks = tasks or (",".join(recipe_eval["tasks"]) if recipe_eval.get("tasks") else None)
         for key in ("shots", "limit"):  # what the recipe evaluated with, unless given
             if options.get(key) is None and recipe_eval.get(key) is not None:
                 options[key] = recipe_eval[key]
         default_out = run / "eval.json"
     else:
-        base, adapter_dir = target, Path(adapter).expanduser() if adapter else None
+        base, adapter_dir, head = target, Path(adapter).expanduser() if adapter else None, {}
         default_out = Path("eval.json")
     if not tasks:
         raise ConfigError("no eval tasks: pass --tasks, e.g. --tasks sst2,e2e,gsm8k,alpaca-heldout")
-    model, tokenizer = peftkit.load_model(base, dtype=dtype, device=device)
+    model, tokenizer = peftkit.load_model(base, dtype=dtype, device=device, **head)
     if adapter_dir is not None:
         peftkit.load_adapter(model, adapter_dir)
     report = evaluate_model(model, tokenizer, tasks, generation=generation, **options)

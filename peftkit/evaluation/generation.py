@@ -35,7 +35,8 @@ def hf_generation_config(settings: GenerationSettings, pad: int, stops: list[int
 
 
 class GenerationUnsupported(Exception):
-    """This model cannot generate faithfully; generation tasks are skipped with this reason."""
+    """This model cannot generate faithfully, or is not the kind a task scores; the task is
+    skipped with this reason."""
 
 
 def refuse_peft_prefix(model: nn.Module) -> None:
@@ -55,7 +56,8 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     """Generate a completion for each prompt and decode it.
 
     Args:
-        model: a causal LM.
+        model: a causal LM (prompts left-padded, the new tokens follow them), or an encoder-decoder
+            (sources right-padded into the encoder, the decoder's output is all new).
         tokenizer: its tokenizer; special tokens are dropped from the decoded text.
         prompts: token ids of each prompt (e.g. from `prompts.prompt_ids`).
         settings: greedy or sampling, lengths and seed.
@@ -70,13 +72,14 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
     padding = pad_id(tokenizer)
     config = hf_generation_config(settings, padding, stop_ids(model, tokenizer))
     devices = [device] if device.type == "cuda" else []
+    encoder_decoder = getattr(model.config, "is_encoder_decoder", False)
     texts: list[str] = [""] * len(prompts)
     for number, idx in sorted_batches(prompts, batch_size, desc, progress):
-        ids, mask, _ = pad([prompts[i] for i in idx], padding, device)
+        ids, mask, _ = pad([prompts[i] for i in idx], padding, device, side="right" if encoder_decoder else "left")
         with torch.random.fork_rng(devices=devices):
             torch.manual_seed(settings.seed + number)
             output = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
-        new = tokenizer.batch_decode(output[:, ids.shape[1]:], skip_special_tokens=True)
+        new = tokenizer.batch_decode(output if encoder_decoder else output[:, ids.shape[1]:], skip_special_tokens=True)
         for i, text in zip(idx, new):
             texts[i] = text.strip()
     return texts

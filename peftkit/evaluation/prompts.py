@@ -42,6 +42,16 @@ def prompt_ids(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]]) -
     return _encode(tokenizer, _render(tokenizer, chat, add_generation_prompt=True))
 
 
+def generation_prompt_ids(model, tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]]) -> list[int]:
+    """What a model generates from: a decoder's chat prompt (`prompt_ids`), or an encoder-decoder's
+    source, the chat's text as seq2seq training formats it (`peftkit.data_tasks.source_text`)."""
+    if getattr(model.config, "is_encoder_decoder", False):
+        from peftkit.data_tasks import source_text
+
+        return tokenizer(source_text(chat))["input_ids"]
+    return prompt_ids(tokenizer, chat)
+
+
 def chat_example(tokenizer: PreTrainedTokenizerBase, chat: list[dict[str, str]],
                  max_length: int | None = None) -> tuple[list[int], list[int]]:
     """Input ids and completion-only labels for a chat that ends with the assistant's answer.

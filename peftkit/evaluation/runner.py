@@ -90,7 +90,12 @@ def run_task(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: TaskSpe
              progress: bool) -> TaskResult:
     """One task, the model in eval mode for its duration."""
     from peftkit.evaluation.tasks import TASKS
+    from peftkit.models.tasks import task_of_model
 
+    kind = task_of_model(model)
+    if kind not in TASKS[spec.task].MODEL_TASKS:
+        raise GenerationUnsupported(f"it scores {' or '.join(TASKS[spec.task].MODEL_TASKS)} models, and this model "
+                                    f"is {kind}")
     training = model.training
     model.eval()
     try:

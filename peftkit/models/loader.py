@@ -15,12 +15,22 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerBase
 
 from peftkit.errors import ModelError
-from peftkit.models.fetch import ensure_cached
+from peftkit.models.fetch import cached_model_dir, ensure_cached, is_cached
 from peftkit.models.registry import REGISTRY, registry_names
 from peftkit.models.tasks import auto_class, check_task, task_of_config
 from peftkit.models.tiny import tiny_model, tiny_tokenizer
 
 logger = logging.getLogger(__name__)
+
+# For base models without a chat template (Gemma 3 270M): Alpaca's own prompt layout, with the
+# tokenizer's bos first and eos closing every answer, so training, eval and generation agree.
+PLAIN_CHAT_TEMPLATE = (
+    "{% if bos_token %}{{ bos_token }}{% endif %}{% for message in messages %}"
+    "{% if message['role'] == 'system' %}{{ message['content'] + '\\n\\n' }}"
+    "{% elif message['role'] == 'user' %}{{ '### Instruction:\\n' + message['content'] + '\\n\\n' }}"
+    "{% else %}{{ '### Response:\\n' + message['content'] + eos_token + '\\n\\n' }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Response:\\n' }}{% endif %}"
+)
 
 DTYPES = {
     "fp32": torch.float32, "float32": torch.float32,
@@ -96,6 +106,28 @@ def load_model(
     return model, tokenizer
 
 
+def check_model_task(name_or_path: str, task: str | None, num_labels: int | None = None) -> str | None:
+    """The task a model would load with, checked against its config without loading weights or
+    fetching anything; None when the config is not at hand yet (a registry model not cached).
+
+    Raises:
+        ModelError: an unknown task, a family that cannot do it, or num_labels without labels.
+    """
+    entry = REGISTRY.get(name_or_path)
+    if entry is not None and entry.is_tiny:
+        config = entry.family.tiny_config()
+    elif entry is not None and is_cached(entry):
+        config = AutoConfig.from_pretrained(cached_model_dir(entry.name))
+    elif entry is None and (Path(name_or_path).expanduser() / "config.json").is_file():
+        config = AutoConfig.from_pretrained(Path(name_or_path).expanduser())
+    else:
+        return None
+    task = check_task(task or (entry.task if entry is not None else task_of_config(config)))
+    _check_num_labels(task, num_labels)
+    auto_class(task, name_or_path, config)
+    return task
+
+
 def _check_num_labels(task: str, num_labels: int | None) -> None:
     if num_labels is None:
         return
@@ -138,6 +170,9 @@ def _from_pretrained(source: str, shown_name: str, task: str | None,
                          f"{registry_names()}, a local model directory, or a hub id while online") from exc
     if tokenizer.pad_token is None:  # batches need one; the end-of-sequence token is the usual choice
         tokenizer.pad_token = tokenizer.eos_token
+    if task == "causal-lm" and not getattr(tokenizer, "chat_template", None):
+        logger.info("%s has no chat template: prompts use the plain '### Instruction / ### Response' layout", shown_name)
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     if task in ("seq-cls", "token-cls") and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # a decoder's seq-cls head finds the last real token
     return model, tokenizer
@@ -150,6 +185,4 @@ def _first_line(exc: BaseException) -> str:
 
 def list_models() -> list[tuple[str, bool, str, str]]:
     """(name, cached, description, licence) for every registry model."""
-    from peftkit.models.fetch import is_cached
-
     return [(name, is_cached(entry), entry.description, entry.licence) for name, entry in REGISTRY.items()]

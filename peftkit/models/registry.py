@@ -112,3 +112,12 @@ REGISTRY: dict[str, RegistryEntry] = {entry.name: entry for entry in (
 
 def registry_names() -> str:
     return ", ".join(REGISTRY)
+
+
+FAMILIES: dict[str, ModuleType] = {"llama": llama, "qwen2": qwen2, "gemma3_text": gemma3, "gpt2": gpt2, "bert": bert,
+                                   "t5": t5}  # config.model_type -> family file
+
+
+def family_of(model_type: str) -> ModuleType | None:
+    """The family file of a transformers `model_type`, if peftkit has one."""
+    return FAMILIES.get(model_type)

@@ -58,7 +58,10 @@ def auto_class(task: str, shown_name: str, config: PretrainedConfig | None = Non
 
 
 def task_of_model(model) -> str:
-    """The task of a transformers model, from its class name (a plain base model counts as causal-lm)."""
+    """The task of a transformers model, from its class name (a plain base model counts as causal-lm);
+    a peft-wrapped model by the model inside."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return _task_of_class_name(type(model).__name__, model.config) or "causal-lm"
 
 

@@ -38,6 +38,7 @@ class AlpacaSpec(TaskSpec):
         check_positive_int(f"{self.name}: max_length", self.max_length)
 
 
+MODEL_TASKS = ("causal-lm",)  # the model tasks (peftkit.models.TASKS) this eval task can score
 SPEC = AlpacaSpec
 
 

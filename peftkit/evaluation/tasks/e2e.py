@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerBase
 from peftkit.evaluation.data import read_e2e
 from peftkit.evaluation.generation import generate
 from peftkit.evaluation.metrics import compute
-from peftkit.evaluation.prompts import messages, prompt_ids
+from peftkit.evaluation.prompts import generation_prompt_ids, messages
 from peftkit.evaluation.spec import GenerationSettings, PromptedSpec, TaskResult, check_fraction, generation_settings
 from peftkit.evaluation.splits import draw, group_references, split_e2e
 
@@ -39,6 +39,7 @@ class E2ESpec(PromptedSpec):
         self.generation = generation_settings(self.generation, self.name)
 
 
+MODEL_TASKS = ("causal-lm", "seq2seq")  # the model tasks (peftkit.models.TASKS) this eval task can score
 SPEC = E2ESpec
 
 
@@ -49,7 +50,7 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: E2ESpec, lim
     all_groups = group_references(heldout)
     groups = all_groups[:limit]
     turns = [(spec.fill(mr=mr), refs[0]) for mr, refs in draw(group_references(train), spec.shots, spec.seed)]
-    prompts = [prompt_ids(tokenizer, messages(turns, spec.fill(mr=mr))) for mr, _ in groups]
+    prompts = [generation_prompt_ids(model, tokenizer, messages(turns, spec.fill(mr=mr))) for mr, _ in groups]
     predictions = generate(model, tokenizer, prompts, spec.generation, spec.batch_size, spec.name, progress)
     references = [refs for _, refs in groups]
     bleu = compute("bleu", predictions, references, tokenize=spec.bleu_tokenize)

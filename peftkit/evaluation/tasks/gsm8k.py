@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from peftkit.evaluation.data import read_gsm8k
 from peftkit.evaluation.generation import generate
-from peftkit.evaluation.prompts import messages, prompt_ids
+from peftkit.evaluation.prompts import generation_prompt_ids, messages
 from peftkit.evaluation.spec import (GenerationSettings, PromptedSpec, TaskResult, check_positive_int,
                                      generation_settings)
 from peftkit.evaluation.splits import draw
@@ -66,6 +66,7 @@ class Gsm8kSpec(PromptedSpec):
         self.generation = generation_settings(self.generation, self.name)
 
 
+MODEL_TASKS = ("causal-lm", "seq2seq")  # the model tasks (peftkit.models.TASKS) this eval task can score
 SPEC = Gsm8kSpec
 
 
@@ -84,7 +85,7 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: Gsm8kSpec, l
     evaluated = evaluated[:limit]
     shots = [rows[i] for i in draw(pool, spec.shots, spec.seed)]
     turns = [(spec.fill(question=s["question"]), CALCULATOR.sub("", s["answer"])) for s in shots]
-    prompts = [prompt_ids(tokenizer, messages(turns, spec.fill(question=rows[i]["question"]))) for i in evaluated]
+    prompts = [generation_prompt_ids(model, tokenizer, messages(turns, spec.fill(question=rows[i]["question"]))) for i in evaluated]
     outputs = generate(model, tokenizer, prompts, spec.generation, spec.batch_size, spec.name, progress)
     predicted = [extract_answer(text) for text in outputs]
     gold = [extract_answer(rows[i]["answer"]) for i in evaluated]
