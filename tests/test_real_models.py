@@ -75,3 +75,21 @@ def test_lora_both_ways_within_peft_merge_error(real, tmp_path):
     loaded = peftkit.load_adapter(load(real)[0], tmp_path / "theirs")
     assert (logits(loaded, inputs) - expected).abs().max().item() <= bound
     assert peftkit.trainable_parameters(loaded) == peft_model.get_nb_trainable_parameters()
+
+
+@pytest.mark.parametrize("method", ["prefix", "prompt"])
+def test_virtual_tokens_on_gemma3_equal_peft(method, tmp_path):
+    """Gemma 3's sliding-window layers, one KV head of 256: the same virtual tokens give peft's logits
+    (one unpadded sequence: peft's prefix-tuning shifts positions under padding, ours does not)."""
+    ensure_cached(REGISTRY["gemma3-270m"])
+    model, tokenizer = load("gemma3-270m")
+    peftkit.apply_adapter(model, method, num_virtual_tokens=8, init="random")
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(std=0.5, generator=torch.Generator().manual_seed(1))
+    inputs = dict(tokenizer(["Prefix-tuning on Gemma 3 keeps every sliding window"], return_tensors="pt"))
+    reference = PeftModel.from_pretrained(load("gemma3-270m")[0], peftkit.save_adapter(model, tmp_path / "a"))
+    ours, theirs = logits(model, inputs), logits(reference, inputs)[:, -inputs["input_ids"].shape[1]:]
+    assert (ours - theirs).abs().max().item() <= 1e-4
+    assert peftkit.trainable_parameters(model) == reference.get_nb_trainable_parameters()
