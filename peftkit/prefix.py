@@ -91,6 +91,7 @@ class PrefixEncoder(VirtualTokens):
     """
 
     attribute = "peftkit_prefix"
+    needs_cache = True
 
     def __init__(self, num_virtual_tokens: int, layers: int, heads: int, head_dim: int, projection: bool = False,
                  encoder_hidden_size: int | None = None, task: str = "causal-lm", *,
@@ -214,8 +215,9 @@ class PrefixMethod:
         """Attach a prefix shaped for the model's layers, key/value heads and head dim.
 
         Raises:
-            AdapterError: the model is not a transformers causal LM or encoder-decoder with a
-                key/value cache, or an encoder-decoder with unequal encoder and decoder depth.
+            AdapterError: the model takes no key/value cache (a causal LM, an encoder-decoder or
+                a classifier whose backbone takes one), or is an encoder-decoder with unequal
+                encoder and decoder depth.
             ConfigError: init: tokens on an encoder-decoder, or with an MLP too narrow to
                 reproduce the token prefix, or an init_text without a tokenizer.
         """

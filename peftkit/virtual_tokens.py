@@ -8,18 +8,22 @@ it and its hooks again. What the hooks do follows peft 0.21's `PeftModelFor*` cl
     causal-lm   mask gains n leading ones; real tokens sit at positions n, n + 1, ...
     seq2seq     prompt: the encoder's input and mask; prefix: the decoder's self-attention
                 cache and mask (see `peftkit.prefix` for peft's layer layout)
-    seq-cls     prompt tuning only: embeddings, mask and token types gain n leading entries
-    token-cls   the same, and labels gain n leading -100 (logits cover the real tokens)
+    seq-cls     prompt: embeddings, mask and token types gain n leading entries; prefix: every
+                layer's self-attention cache starts with the prefix, the mask gains n ones
+    token-cls   the same, and prompt tuning's labels gain n leading -100 (logits cover the real tokens)
 
 On decoders, positions of real tokens follow the attention mask (as in `generate`), so a
 left-padded row gives the same logits as the unpadded one; peft's forward counts left pads as
 positions, so the two agree on unpadded and right-padded input, and on left-padded input given
 explicit `position_ids`. Masks passed in never include the virtual tokens; peftkit adds them.
 
-Prefix-tuning on seq-cls and token-cls models is refused: transformers 5's encoders (BERT) and
-classification heads take the key/value cache only as `cache` through `**kwargs`, and peft 0.21,
-which looks for a `past_key_values` argument, raises "Model does not support past key values"
-on them, so there is no reference to check a prefix against.
+Prefix-tuning on classifiers (BERT seq-cls / token-cls, a Qwen2 seq-cls head): transformers 5
+passes the cache to the backbone as `cache` through **kwargs, and BERT's self-attention still
+prepends a cache's keys and values (its embeddings then place real tokens at n, n + 1, ..., as
+P-tuning v2 ran it). peft 0.21 looks for a `past_key_values` argument and raises "Model does
+not support past key values" on every classifier, so there is no peft reference: the tests
+check ours against the attention equation layer by layer, and that each side reads the other's
+files.
 """
 
 import inspect
@@ -34,7 +38,7 @@ from transformers import DynamicCache
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.models.tasks import task_of_model
 
-CACHED_TASKS = ("causal-lm", "seq2seq")  # the tasks whose models take a key/value cache (prefix-tuning)
+CACHED_TASKS = ("causal-lm", "seq2seq")  # the tasks that generate, through a key/value cache
 TOKEN_TASKS = ("causal-lm", "token-cls")  # labels and logits per token: virtual tokens get -100, logits are cut
 
 
@@ -53,13 +57,8 @@ def check_init(init: Any, init_text: Any, inits: tuple[str, ...]) -> None:
 
 
 def check_task(model: nn.Module, method: str) -> str:
-    """The model's task; prefix-tuning on a classifier is a one-line error (see the module docstring)."""
-    task = task_of_model(model)
-    if method == "prefix-tuning" and task not in CACHED_TASKS:
-        raise AdapterError(f"prefix-tuning on a {task} model ({type(model).__name__}) is not supported: transformers 5 "
-                           f"passes its cache only as `cache` through **kwargs and peft 0.21 refuses it (\"Model does "
-                           f"not support past key values\"), so no reference checks it; use prompt tuning or LoRA here")
-    return task
+    """The model's task (see the module docstring for what each gets)."""
+    return task_of_model(model)
 
 
 def transformer_submodules(task: str) -> int:
@@ -127,6 +126,7 @@ class VirtualTokens(nn.Module, ABC):
     """
 
     attribute: ClassVar[str]  # the model attribute that holds the adapter
+    needs_cache: ClassVar[bool] = False  # enters through the key/value cache on every task (prefix-tuning)
 
     def __init__(self, num_virtual_tokens: int, task: str = "causal-lm") -> None:
         super().__init__()
@@ -141,7 +141,7 @@ class VirtualTokens(nn.Module, ABC):
 
     def attach(self, model: nn.Module) -> None:
         self._positional = positional_names(model)
-        if self.task in CACHED_TASKS:
+        if self.task in CACHED_TASKS or self.needs_cache:
             self._cache_kwarg = cache_kwarg(model)
         setattr(model, self.attribute, self)
         model.register_forward_pre_hook(self._before_forward, with_kwargs=True)
@@ -212,6 +212,9 @@ def cache_kwarg(model: nn.Module) -> str:
     for name in ("cache", "past_key_values"):
         if name in params:
             return name
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()) and "cache" in inspect.signature(
+            base.base_model.forward).parameters:
+        return "cache"  # a task head passes it to its backbone through **kwargs (BertForSequenceClassification)
     raise AdapterError(f"{type(model).__name__}.forward takes no key/value cache: virtual tokens need a "
                        f"transformers causal LM or encoder-decoder")
 

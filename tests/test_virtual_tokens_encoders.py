@@ -3,8 +3,9 @@ classification heads (seq-cls, token-cls) and a decoder classifier (Qwen2 seq-cl
 
 For each: logits through each other's saved adapters (ours -> peft, peft -> ours) on a padded
 batch, trainable counts, saved config and keys, and 20 AdamW steps with equal loss curves. peft's
-own behaviours that peftkit does not copy are pinned here too: its prefix-tuning refuses every
-classifier under transformers 5, and its token-cls prompt tuning cannot compute a loss.
+own behaviours that peftkit does not copy are pinned here too: its prefix-tuning cannot run on any
+classifier under transformers 5 (ours is checked against the attention equation instead), and its
+token-cls prompt tuning cannot compute a loss.
 """
 
 import json
@@ -143,20 +144,68 @@ def test_peft_token_cls_prompt_tuning_cannot_compute_its_loss():
     assert out.logits.shape == (2, L, 2) and torch.allclose(out.loss, expected)
 
 
+@pytest.mark.parametrize("family", ["bert-seq-cls", "bert-token-cls"])
+def test_prefix_on_bert_follows_the_attention_equation(family):
+    """peft 0.21 cannot run prefix-tuning on a classifier (pinned below), so ours is checked against
+    the equation itself, layer by layer: softmax(q [P_k; k]^T / sqrt(d) + mask) [P_v; v], with the
+    padded keys masked and the prefix always visible; real tokens at positions n, n + 1, ... (as
+    BERT's own cache offsets them, and P-tuning v2 ran it)."""
+    model = randomize(peftkit.apply_adapter(load(family), "prefix", num_virtual_tokens=N, init="random"), 1)
+    batch = inputs(family)
+    seen = []
+    hooks = [layer.attention.self.register_forward_hook(lambda m, a, kw, out: seen.append((a[0], out[0])),
+                                                        with_kwargs=True) for layer in model.bert.encoder.layer]
+    embeddings = model.bert.embeddings
+    expected_embeddings = embeddings.LayerNorm(embeddings.word_embeddings(batch["input_ids"])
+                                               + embeddings.position_embeddings.weight[N:N + L]
+                                               + embeddings.token_type_embeddings.weight[0])
+    hooks.append(embeddings.register_forward_hook(lambda m, a, kw, out: seen.append(("embeddings", out)),
+                                                  with_kwargs=True))
+    with torch.no_grad():
+        model(**batch)
+        for hook in hooks:
+            hook.remove()
+        real = batch["attention_mask"].bool()  # padded positions are never attended to
+        assert seen[0][0] == "embeddings" and (seen[0][1] - expected_embeddings)[real].abs().max() <= TOL
+        prefix = model.peftkit_prefix.key_values(2, torch.float32)
+        visible = torch.cat([torch.ones(2, N), batch["attention_mask"].float()], dim=1)  # (batch, n + L)
+        for layer, ((hidden, output), (p_key, p_value)) in enumerate(zip(seen[1:], prefix)):
+            attention = model.bert.encoder.layer[layer].attention.self
+            heads = lambda t: t.view(2, L, -1, attention.attention_head_size).transpose(1, 2)  # noqa: E731
+            keys = torch.cat([p_key, heads(attention.key(hidden))], dim=2)
+            values = torch.cat([p_value, heads(attention.value(hidden))], dim=2)
+            scores = heads(attention.query(hidden)) @ keys.transpose(-1, -2) * attention.attention_head_size ** -0.5
+            scores = scores.masked_fill(visible[:, None, None, :] == 0, float("-inf"))
+            context = (scores.softmax(-1) @ values).transpose(1, 2).reshape(2, L, -1)
+            assert (output - context).abs().max() <= TOL
+    assert len(seen) == 1 + model.config.num_hidden_layers
+
+
 @pytest.mark.parametrize("family", ["bert-seq-cls", "bert-token-cls", "qwen2-seq-cls"])
-def test_prefix_on_classifiers_is_a_one_line_error_as_peft_cannot_run_it(family, tmp_path):
+def test_prefix_on_classifiers_saves_what_peft_reads_though_peft_cannot_run_it(family, tmp_path):
     reference = peft_model(family, "prefix")
     with pytest.raises(ValueError, match="does not support past key values"):
         reference(**inputs(family))  # transformers 5 takes the cache as `cache`; peft looks for past_key_values
-    refused = r"prefix-tuning on a (seq|token)-cls model .* use prompt tuning or LoRA"
-    with pytest.raises(AdapterError, match=refused) as exc:
-        peftkit.apply_adapter(load(family), "prefix", num_virtual_tokens=N)
-    assert "\n" not in str(exc.value)
-    reference.save_pretrained(tmp_path / "theirs")  # peft saves what it cannot run; peftkit refuses to load it
-    model = load(family)
-    with pytest.raises(AdapterError, match="prefix-tuning on a"):
-        peftkit.load_adapter(model, tmp_path / "theirs")
-    assert getattr(model, "peftkit_config", None) is None and not model._forward_pre_hooks
+    model = randomize(peftkit.apply_adapter(load(family), "prefix", num_virtual_tokens=N, init="random"), 2)
+    assert peftkit.trainable_parameters(model) == reference.get_nb_trainable_parameters()
+    ours = peftkit.save_adapter(model, tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(load(family), ours)  # peft reads our file: the same prefix table
+    table = theirs.prompt_encoder["default"].embedding.weight
+    assert torch.equal(table, model.peftkit_prefix.embedding.weight)
+    reference.save_pretrained(tmp_path / "theirs")  # and we read peft's, and run it
+    loaded = peftkit.load_adapter(load(family), tmp_path / "theirs")
+    assert torch.equal(loaded.peftkit_prefix.embedding.weight, reference.prompt_encoder["default"].embedding.weight)
+    assert logits(loaded, inputs(family), family).isfinite().all()
+
+
+def test_prefix_trains_a_bert_classifier():
+    model = peftkit.apply_adapter(load("bert-seq-cls"), "prefix", num_virtual_tokens=N, init="random")
+    batch, labels = inputs("bert-seq-cls"), torch.tensor([0, 1])
+    model.train()
+    model(**batch, labels=labels).loss.backward()
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert set(trainable) == {"peftkit_prefix.embedding.weight", "classifier.weight", "classifier.bias"}
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
 
 
 def test_t5_virtual_tokens_follow_peft_layout():
