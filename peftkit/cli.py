@@ -107,8 +107,9 @@ def cmd_merge(args: argparse.Namespace) -> None:
 
     record = merge_to_dir(args.source, args.out, dtype=args.dtype, base=args.base, overwrite=args.overwrite)
     print(f"merged {record['method']} adapter into {record['base_model']} ({record['merged_into']} weights) -> {args.out}")
-    print(f"max |logit diff| vs adapter (fp32): {record['max_logit_diff_fp32']:.2e}; held-out perplexity "
-          f"{record['perplexity_adapter']:.4f} (adapter) -> {record['perplexity_merged']:.4f} (merged)")
+    perplexity = (f"; held-out perplexity {record['perplexity_adapter']:.4f} (adapter) -> "
+                  f"{record['perplexity_merged']:.4f} (merged)" if record["task"] == "causal-lm" else "")
+    print(f"max |logit diff| vs adapter (fp32): {record['max_logit_diff_fp32']:.2e}{perplexity}")
     if record["warning"]:
         print(f"warning: {record['warning']}")
 

@@ -50,21 +50,29 @@ def resolve_source(source: str | Path) -> tuple[Path, str]:
     return source, by_hub_id.get(base, base)
 
 
-def heldout_batches(tokenizer, limit: int = 32, max_length: int = 256) -> list[dict[str, torch.Tensor]]:
-    """Held-out Alpaca examples (the slice training never sees), one per batch, for perplexity."""
+def heldout_batches(tokenizer, limit: int = 32, max_length: int = 256,
+                    task: str = "causal-lm") -> list[dict[str, torch.Tensor]]:
+    """Held-out Alpaca examples (the slice training never sees), one per batch: chat-formatted with
+    completion labels for perplexity on a causal LM; for a classifier or an encoder-decoder, the
+    instruction's plain text (labels unused: their logits are compared)."""
+    from peftkit.data import Row, alpaca_pair
+    from peftkit.data_tasks import source_text
+
     path = data_root() / "alpaca" / "alpaca_5000.json"
     if path.is_file():
         rows = read_rows(path)
         _, held = split_heldout(len(rows), 0.05, seed=42)
-        columns, _ = tokenize_rows(tokenizer, [rows[i] for i in held[:limit]], "alpaca", max_length)
+        rows = [rows[i] for i in held[:limit]]
     else:
-        logger.warning("no Alpaca data at %s: perplexity is measured on built-in prompts", path)
-        from peftkit.data import Row
-
+        logger.warning("no Alpaca data at %s: fidelity is measured on built-in prompts", path)
         rows = [Row({"instruction": q, "output": a}, "built-in") for q, a in (
             ("Name the capital of France.", "The capital of France is Paris."),
             ("Give a synonym of happy.", "Joyful."), ("What is 2 + 3?", "2 + 3 = 5."))]
-        columns, _ = tokenize_rows(tokenizer, rows, "alpaca", max_length)
+    if task != "causal-lm":
+        texts = [source_text(alpaca_pair(row)[0]) for row in rows]
+        return [{"input_ids": torch.tensor([tokenizer(text, truncation=True, max_length=max_length)["input_ids"]])}
+                for text in texts]
+    columns, _ = tokenize_rows(tokenizer, rows, "alpaca", max_length)
     return [{"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels])}
             for ids, labels in zip(columns["input_ids"], columns["labels"])]
 
@@ -106,7 +114,7 @@ def merge_to_dir(source: str | Path, out: str | Path, *, dtype: str = "fp32", ba
         raise ConfigError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
     adapted, tokenizer, base_name, adapter_dir = load_adapted(source)
     cfg = adapted.peftkit_config
-    batches = heldout_batches(tokenizer)
+    batches = heldout_batches(tokenizer, task=task_of_model(adapted))
     before, ppl_before = measure(adapted, batches)
     merged = merge_loaded(adapted, base_name, adapter_dir, base)
     after, ppl_after = measure(merged, batches)

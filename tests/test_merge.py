@@ -73,3 +73,15 @@ def test_output_is_never_overwritten_without_asking(tmp_path):
     merge_to_dir(adapter, tmp_path / "merged", overwrite=True, dtype="bf16")
     assert not (tmp_path / "merged" / "mine.txt").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
+
+
+def test_fidelity_inputs_of_a_classifier_need_no_chat_template():
+    """A BERT tokenizer has no chat template: a classifier's merge is measured on plain instructions."""
+    from peftkit.merge import heldout_batches
+
+    _, tokenizer = peftkit.load_model("tiny-bert", task="seq-cls", num_labels=2)
+    tokenizer.chat_template = None
+    batches = heldout_batches(tokenizer, limit=3, task="seq-cls")
+    assert len(batches) == 3 and all(set(b) == {"input_ids"} and b["input_ids"].shape[0] == 1 for b in batches)
+    with pytest.raises(ValueError, match="chat_template is not set"):
+        heldout_batches(tokenizer, limit=3)  # a causal LM's perplexity needs the template its training used
