@@ -131,7 +131,8 @@ def _fmt(value: float, digits: int = 4) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
 
 
-COLUMNS = ["run", "model", "method", "impl", "lr", "trainable", "% of base", "peak MiB", "train tok/s", "wall s", "adapter MiB"]
+COLUMNS = ["run", "model", "method", "impl", "lr", "trainable", "% of base", "peak MiB", "train tok/s", "wall s",
+           "adapter MiB"]
 
 
 def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
@@ -139,7 +140,8 @@ def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
     header = COLUMNS + metric_names + ["final loss"]
     rows = []
     for r in runs:
-        rows.append([r.name, str(r.recipe.get("model")), r.method, r.impl, _fmt((r.recipe.get("train") or {}).get("lr", float("nan")), 2),
+        lr = (r.recipe.get("train") or {}).get("lr", float("nan"))
+        rows.append([r.name, str(r.recipe.get("model")), r.method, r.impl, _fmt(lr, 2),
                      f"{r.trainable:,}", f"{r.trainable_pct:.2f}", _fmt(r.peak_memory_mb),
                      _fmt(r.tokens_per_s), _fmt(r.wall_time_s), f"{r.adapter_bytes / 2**20:.2f}"]
                     + [_fmt(r.metrics.get(m, float("nan"))) for m in metric_names]

@@ -159,11 +159,17 @@ def chat_pair(row: Row) -> tuple[list[dict], str]:
     return messages[:-1], messages[-1]["content"]
 
 
-def sst2_pair(row: Row) -> tuple[list[dict], str]:
+def sst2_fields(row: Row) -> tuple[str, str]:
+    """(sentence, label "0" or "1") of an SST-2 row: train.tsv calls the text sentence, dev.tsv content."""
     label = row.fields.get("label")
     text = row.fields.get("sentence", row.fields.get("content"))
     if label not in SST2_LABELS or not isinstance(text, str):
         raise ConfigError(f"{row.where}: expected columns label (0 or 1) and sentence (or content): fix the row")
+    return text, label
+
+
+def sst2_pair(row: Row) -> tuple[list[dict], str]:
+    text, label = sst2_fields(row)
     return sst2_prompt(text), SST2_LABELS[label]
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from transformers import PreTrainedTokenizerBase
 
-from peftkit.data import PAIR_FORMATS, SST2_LABELS, DataStats, Row, need_fields
+from peftkit.data import PAIR_FORMATS, DataStats, Row, need_fields, sst2_fields
 from peftkit.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -25,9 +25,7 @@ CLASS_FORMATS = ("sst2", "text")
 def class_example(row: Row, fmt: str) -> tuple[str, int]:
     """(text, class id) of one row for a classification head."""
     if fmt == "sst2":
-        label, text = row.fields.get("label"), row.fields.get("sentence", row.fields.get("content"))
-        if label not in SST2_LABELS or not isinstance(text, str):
-            raise ConfigError(f"{row.where}: expected columns label (0 or 1) and sentence (or content): fix the row")
+        text, label = sst2_fields(row)
         return text.strip(), int(label)
     if fmt == "text":
         (text,) = need_fields(row, "text")

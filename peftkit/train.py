@@ -88,8 +88,9 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
                                  processing_class=tokenizer, **run_dir)
     else:  # the model computes its own loss from the labels: a class id, or the target's tokens
         collator = DataCollatorWithPadding(tokenizer) if task == "seq-cls" else DataCollatorForSeq2Seq(tokenizer)
-        trainer = TaskTrainer(model=model, args=TrainingArguments(**training_arguments(recipe, out), remove_unused_columns=False),
-                              train_dataset=train_set, data_collator=collator, processing_class=tokenizer, **run_dir)
+        args = TrainingArguments(**training_arguments(recipe, out), remove_unused_columns=False)
+        trainer = TaskTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                              processing_class=tokenizer, **run_dir)
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if not trainer.args.should_save:
         return out  # other data-parallel ranks: the main process writes the run directory

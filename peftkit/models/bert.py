@@ -4,9 +4,9 @@ from transformers import BertConfig
 
 from peftkit.models.tiny import PAD_ID, VOCAB_SIZE
 
-
 # What the lora preset's [q_proj, v_proj] are called here (BERT's attention names them query and value).
 QUERY_VALUE = ("query", "value")
+
 
 def tiny_config() -> BertConfig:
     """2 layers, hidden 64, 4 heads, two labels."""

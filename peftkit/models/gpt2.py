@@ -5,9 +5,10 @@ from transformers import GPT2Config
 
 from peftkit.models.tiny import BOS_ID, EOS_ID, PAD_ID, VOCAB_SIZE
 
-
-# What the lora preset's [q_proj, v_proj] are called here (GPT-2 computes q, k and v in one fused c_attn layer, as peft targets it).
+# What the lora preset's [q_proj, v_proj] are called here (GPT-2 computes q, k and v in one
+# fused c_attn layer, which peft targets).
 QUERY_VALUE = ("c_attn",)
+
 
 def tiny_config() -> GPT2Config:
     """2 layers, hidden 64, 4 heads, tied embeddings."""

@@ -85,10 +85,8 @@ def load_model(
     dtype = resolve_dtype(dtype, device)
     entry = REGISTRY.get(name_or_path)
     if entry is not None and entry.is_tiny:
-        task = check_task(task or entry.task)
-        _check_num_labels(task, num_labels)
         config = entry.family.tiny_config()
-        auto_class(task, name_or_path, config)
+        task, _ = _checked_task(config, task or entry.task, name_or_path, num_labels)
         model, tokenizer = tiny_model(config, task, num_labels, name_or_path), tiny_tokenizer()
         base_name = entry.hub_id
     else:
@@ -122,10 +120,15 @@ def check_model_task(name_or_path: str, task: str | None, num_labels: int | None
         config = AutoConfig.from_pretrained(Path(name_or_path).expanduser())
     else:
         return None
-    task = check_task(task or (entry.task if entry is not None else task_of_config(config)))
+    return _checked_task(config, task or (entry.task if entry is not None else None), name_or_path, num_labels)[0]
+
+
+def _checked_task(config, task: str | None, shown_name: str, num_labels: int | None) -> tuple[str, type]:
+    """(task, its Auto class): `task`, else the one `config` was saved with, checked against the
+    family's heads and num_labels (see `check_model_task`)."""
+    task = check_task(task or task_of_config(config))
     _check_num_labels(task, num_labels)
-    auto_class(task, name_or_path, config)
-    return task
+    return task, auto_class(task, shown_name, config)
 
 
 def _check_num_labels(task: str, num_labels: int | None) -> None:
@@ -159,10 +162,8 @@ def _from_pretrained(source: str, shown_name: str, task: str | None,
                      num_labels: int | None) -> tuple[nn.Module, PreTrainedTokenizerBase]:
     try:
         config = AutoConfig.from_pretrained(source)
-        task = check_task(task or task_of_config(config))
-        _check_num_labels(task, num_labels)
+        task, cls = _checked_task(config, task, shown_name, num_labels)
         kwargs = {"num_labels": num_labels} if num_labels is not None else {}
-        cls = auto_class(task, shown_name, config)
         model = cls.from_pretrained(source, dtype=torch.float32, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source)
     except OSError as exc:

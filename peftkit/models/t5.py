@@ -4,9 +4,9 @@ from transformers import T5Config
 
 from peftkit.models.tiny import EOS_ID, PAD_ID, VOCAB_SIZE
 
-
 # What the lora preset's [q_proj, v_proj] are called here (T5's attention names them q and v).
 QUERY_VALUE = ("q", "v")
+
 
 def tiny_config() -> T5Config:
     """2 encoder and 2 decoder layers, d_model 64, 4 heads of 16, decoding starts from the pad token."""

@@ -85,7 +85,8 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: Gsm8kSpec, l
     evaluated = evaluated[:limit]
     shots = [rows[i] for i in draw(pool, spec.shots, spec.seed)]
     turns = [(spec.fill(question=s["question"]), CALCULATOR.sub("", s["answer"])) for s in shots]
-    prompts = [generation_prompt_ids(model, tokenizer, messages(turns, spec.fill(question=rows[i]["question"]))) for i in evaluated]
+    prompts = [generation_prompt_ids(model, tokenizer, messages(turns, spec.fill(question=rows[i]["question"])))
+               for i in evaluated]
     outputs = generate(model, tokenizer, prompts, spec.generation, spec.batch_size, spec.name, progress)
     predicted = [extract_answer(text) for text in outputs]
     gold = [extract_answer(rows[i]["answer"]) for i in evaluated]
