@@ -26,7 +26,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.models.tasks import task_of_model
 from peftkit.virtual_tokens import (VirtualTokens, adapter_dtype, cache_kwarg, check_init, check_prompt_learning_config,
-                                    check_task, check_virtual_tokens, gradient_checkpointing, init_token_ids,
+                                    check_virtual_tokens, gradient_checkpointing, init_token_ids,
                                     transformer_submodules)
 
 PREFIX_INITS = ("random", "tokens")
@@ -221,7 +221,7 @@ class PrefixMethod:
             ConfigError: init: tokens on an encoder-decoder, or with an MLP too narrow to
                 reproduce the token prefix, or an init_text without a tokenizer.
         """
-        task = check_task(model, "prefix-tuning")
+        task = task_of_model(model)
         layers, heads, head_dim = kv_layout(model)
         if task == "seq2seq":
             decoder_layers = getattr(model.config, "num_decoder_layers", layers)

@@ -32,7 +32,7 @@ from torch import nn
 from peftkit.errors import AdapterError
 from peftkit.models.tasks import task_of_model
 from peftkit.virtual_tokens import (TOKEN_TASKS, VirtualTokens, adapter_dtype, check_init, check_prompt_learning_config,
-                                    check_task, check_virtual_tokens, init_token_ids, positional_names,
+                                    check_virtual_tokens, init_token_ids, positional_names,
                                     transformer_submodules)
 
 PROMPT_INITS = ("random", "tokens")
@@ -162,7 +162,7 @@ class PromptMethod:
     config_class = PromptConfig
 
     def apply(self, model: nn.Module, cfg: PromptConfig) -> nn.Module:
-        task = check_task(model, "prompt tuning")
+        task = task_of_model(model)
         embeddings = model.get_input_embeddings()
         prompt = PromptEmbedding(cfg.num_virtual_tokens, embeddings.embedding_dim, task, dtype=adapter_dtype(model),
                                  device=embeddings.weight.device)

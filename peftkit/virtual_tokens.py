@@ -36,7 +36,6 @@ from torch import nn
 from transformers import DynamicCache
 
 from peftkit.errors import AdapterError, ConfigError
-from peftkit.models.tasks import task_of_model
 
 CACHED_TASKS = ("causal-lm", "seq2seq")  # the tasks that generate, through a key/value cache
 TOKEN_TASKS = ("causal-lm", "token-cls")  # labels and logits per token: virtual tokens get -100, logits are cut
@@ -54,11 +53,6 @@ def check_init(init: Any, init_text: Any, inits: tuple[str, ...]) -> None:
         raise ConfigError(f"init_text must be a non-empty string, got {init_text!r}")
     if init_text is not None and init != "tokens":
         raise ConfigError(f"init_text is only used with init: tokens, but init is {init!r}: set init: tokens")
-
-
-def check_task(model: nn.Module, method: str) -> str:
-    """The model's task (see the module docstring for what each gets)."""
-    return task_of_model(model)
 
 
 def transformer_submodules(task: str) -> int:
