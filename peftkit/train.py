@@ -85,7 +85,7 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     run_dir = {"run_dir": out, "save_adapter": save_fn, "load_adapter_weights": load_fn}
     if task == "causal-lm":
         trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free), train_dataset=train_set,
-                                 processing_class=tokenizer, **run_dir)
+                                 processing_class=tokenizer, labels_only=recipe.impl == "peftkit", **run_dir)
     else:  # the model computes its own loss from the labels: a class id, or the target's tokens
         collator = DataCollatorWithPadding(tokenizer) if task == "seq-cls" else DataCollatorForSeq2Seq(tokenizer)
         args = TrainingArguments(**training_arguments(recipe, out), remove_unused_columns=False)

@@ -29,6 +29,7 @@ from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
 from peftkit.errors import PeftkitError
+from peftkit.lm_loss import labelled_loss, supports_labelled_loss
 
 logger = logging.getLogger(__name__)
 
@@ -206,7 +207,37 @@ class RunDirectory:
 
 
 class PeftkitTrainer(RunDirectory, SFTTrainer):
-    """trl's SFTTrainer (causal language models) writing peftkit's run directory."""
+    """trl's SFTTrainer (causal language models) writing peftkit's run directory.
+
+    With `labels_only`, the loss runs the LM head on the labelled positions only
+    (`peftkit.lm_loss`), logging the same metrics as trl's loss (entropy, mean token accuracy,
+    tokens); trl's own loss serves models it does not cover and label smoothing or custom losses.
+    """
+
+    def __init__(self, *args, labels_only: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.labels_only = labels_only and supports_labelled_loss(self.model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if (not self.labels_only or return_outputs or self.compute_loss_func is not None
+                or self.label_smoother is not None or self.args.loss_type != "nll" or self.aux_loss_enabled):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        mode = "train" if self.model.training else "eval"
+        out = labelled_loss(model, inputs, num_items_in_batch)
+        loss = out.loss
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as trl: DDP averages gradients
+        gather = self.accelerator.gather_for_metrics
+        valid = gather(torch.as_tensor(out.log_probs.numel(), device=loss.device)).sum()
+        entropy, correct = gather(out.entropy.sum()).sum(), gather(out.correct.sum()).sum()
+        self._metrics[mode]["entropy"].append((entropy / valid).item() if valid > 0 else 0.0)
+        self._metrics[mode]["mean_token_accuracy"].append((correct / valid).item() if valid > 0 else 0.0)
+        if mode == "train":
+            tokens = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.as_tensor(
+                inputs["position_ids"].size(1), device=loss.device)
+            self._total_train_tokens += gather(tokens).sum().item() // self._tp_size
+        self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return loss
 
 
 class TaskTrainer(RunDirectory, Trainer):
