@@ -13,8 +13,10 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def bench_args(doc: str | None, seq: int = 256, new_tokens: int | None = None) -> argparse.Namespace:
-    """The options every benchmark takes: model, repetitions, batch shape (and generation length)."""
+def bench_args(doc: str | None, seq: int = 256, new_tokens: int | None = None,
+               completion: float | None = None) -> argparse.Namespace:
+    """The options every benchmark takes: model, repetitions, batch shape (and generation length,
+    and the labelled fraction of completion-only batches)."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--reps", type=int, default=5)
@@ -22,6 +24,9 @@ def bench_args(doc: str | None, seq: int = 256, new_tokens: int | None = None) -
     parser.add_argument("--seq", type=int, default=seq)
     if new_tokens is not None:
         parser.add_argument("--new-tokens", type=int, default=new_tokens)
+    if completion is not None:
+        parser.add_argument("--completion", type=float, default=completion,
+                            help="fraction of each row (its end) that has labels")
     return parser.parse_args()
 
 

@@ -5,6 +5,11 @@
 Train step = forward + backward + AdamW on a batch of 4 x 256 tokens, fp32, CPU. The floor
 is forward + backward of the frozen model with only the embeddings' output requiring grad:
 the least any adapter touching every layer can cost. Generation is greedy, batch 1.
+
+Completion-only batches (`--completion 0.25`: the last quarter of each row has labels, the prompt
+is masked with -100, as in instruction data): peftkit's loss on labelled positions only
+(`peftkit.lm_loss.labelled_loss`, what `peftkit train` runs) vs peft's model called with the
+labels (transformers' loss over every position's logits), both on LoRA r16 all-linear.
 """
 
 import os
@@ -16,6 +21,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peftkit  # noqa: E402
 from bench.common import bench_args, interleaved, train_step, write_record  # noqa: E402
+from peftkit.lm_loss import labelled_loss  # noqa: E402
 from peftkit.protocol import adapter_parameters  # noqa: E402
 
 CONFIGS = {
@@ -50,6 +56,23 @@ def floor_model(name):
     return model
 
 
+def completion_step(model, batch, labels, labels_only: bool):
+    """One forward + backward + AdamW step with prompt positions masked out of the loss."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        if labels_only:
+            loss = labelled_loss(model, {"input_ids": batch, "labels": labels}, None).loss
+        else:
+            loss = model(input_ids=batch, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def generation(model, prompt, new_tokens):
     model.eval()
 
@@ -61,15 +84,20 @@ def generation(model, prompt, new_tokens):
 
 
 def main() -> None:
-    args = bench_args(__doc__, seq=256, new_tokens=64)
+    args = bench_args(__doc__, seq=256, new_tokens=64, completion=0.25)
     torch.manual_seed(0)
     vocab = load(args.model).config.vocab_size
     batch = torch.randint(3, vocab, (args.batch, args.seq))
+    labels = batch.clone()
+    labels[:, : args.seq - round(args.completion * args.seq)] = -100  # (batch, seq): the prompt is masked
 
     cases = {"floor": train_step(floor_model(args.model), batch)}
     for tag, (ours_kw, peft_kw) in CONFIGS.items():
         cases[f"peftkit {tag}"] = train_step(ours(args.model, ours_kw), batch)
         cases[f"peft {tag}"] = train_step(theirs(args.model, peft_kw), batch)
+    ours_kw, peft_kw = CONFIGS["r16-all"]
+    cases["peftkit completion"] = completion_step(ours(args.model, ours_kw), batch, labels, labels_only=True)
+    cases["peft completion"] = completion_step(theirs(args.model, peft_kw), batch, labels, labels_only=False)
     step = interleaved(cases, reps=args.reps)
 
     prompt = torch.randint(3, vocab, (1, 32))
@@ -90,6 +118,10 @@ def main() -> None:
                        "peft_over_floor": p / step["floor"]}
         print(f"  LoRA {tag:8s} peftkit {o:.3f} s  peft {p:.3f} s  peftkit/peft {o / p:.3f}  "
               f"peftkit/floor {o / step['floor']:.3f}  peft/floor {p / step['floor']:.3f}")
+    o, p = step["peftkit completion"], step["peft completion"]
+    ratios["completion r16-all"] = {"peftkit_over_peft": o / p}
+    print(f"  completion-only ({args.completion:.0%} labelled) r16-all: peftkit {o:.3f} s  peft {p:.3f} s  "
+          f"peftkit/peft {o / p:.3f}")
     print(f"greedy generation, batch 1, {args.new_tokens} new tokens (tokens/s)")
     for name, tps in gen.items():
         print(f"  {name:17s} {tps:7.1f}  ({gen['base'] / tps - 1:+.1%} time vs base)")

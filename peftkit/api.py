@@ -1,7 +1,9 @@
 """The public adapter API: apply, count, merge and unmerge, whatever the method."""
 
+import contextlib
+import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -120,3 +122,38 @@ def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Subtract a merged adapter from the base weights again."""
     method_of(model).unmerge(model)
     return model
+
+
+@contextlib.contextmanager
+def merged_for_inference(model: nn.Module) -> Iterator[bool]:
+    """Run the block with the adapter folded into the base weights, then restore them bit for bit.
+
+    Inference through merged weights costs what the base model costs: no rank-r matmuls, no
+    per-layer dequantisation of a 4-bit base (QLoRA's merge holds a full-precision copy meanwhile).
+    The weights the merge replaced are kept and put back afterwards, so nothing drifts by
+    rounding (unmerge alone computes W' - BA). A model without a peftkit adapter, one already
+    merged, or a method that cannot merge (prefix or prompt tuning) runs as it is.
+
+    Yields:
+        whether the adapter was merged for the block.
+    """
+    cfg = getattr(model, "peftkit_config", None)
+    method = METHODS.get(cfg.method) if cfg is not None else None
+    if method is None or not getattr(method, "mergeable", False):
+        yield False
+        return
+    originals = {id(p): (p, p.data) for p in model.parameters()}
+    try:
+        method.merge(model)
+    except AdapterError as exc:  # already merged by the caller: leave it so
+        logging.getLogger(__name__).debug("not merging for inference: %s", exc)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        method.unmerge(model)
+        for param in model.parameters():
+            if id(param) in originals:
+                param.data = originals[id(param)][1]
+

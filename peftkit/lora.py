@@ -30,6 +30,51 @@ from peftkit.targets import ALL_LINEAR, family_targets, find_targets, replace_mo
 INITS = ("default", "gaussian")
 
 
+class _DroppedLoRA(torch.autograd.Function):
+    """result + scale * dropout(x) A^T B^T, keeping one byte per input element for backward.
+
+    Note:
+        Autograd through `F.dropout` keeps the dropout's float noise and its float output (the
+        input of A) alive until backward: 8 bytes per input element and adapted layer, with
+        all-linear targets and r = 64 more than the 4-bit base weights themselves. This function
+        keeps x (one tensor shared by the layers that read it: q, k and v; gate and up), the
+        boolean mask and the rank-r hidden, and recomputes dropout(x) = x * mask / (1 - p) in
+        backward. The mask comes from
+        `torch.native_dropout`, which draws the same random numbers as `F.dropout` (and so as
+        peft's `nn.Dropout`) on CPU and CUDA: the same seed drops the same elements.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, result: torch.Tensor, weight_a: torch.Tensor, weight_b: torch.Tensor,
+                p: float, scale: float) -> torch.Tensor:
+        dropped, mask = torch.native_dropout(x, p, True)
+        hidden = F.linear(dropped, weight_a)  # (..., r)
+        ctx.save_for_backward(x, mask, hidden, weight_a, weight_b)
+        ctx.keep, ctx.scale = 1.0 - p, scale
+        if hidden.dtype != result.dtype:
+            return result + (F.linear(hidden, weight_b) * scale).to(result.dtype)
+        out = torch.addmm(result.reshape(-1, result.shape[-1]), hidden.reshape(-1, hidden.shape[-1]),
+                          weight_b.t(), alpha=scale)
+        return out.view(result.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, mask, hidden, weight_a, weight_b = ctx.saved_tensors
+        grad = grad_out.reshape(-1, grad_out.shape[-1]).to(weight_b.dtype)  # (tokens, out)
+        hidden = hidden.reshape(-1, hidden.shape[-1])  # (tokens, r)
+        grad_hidden = (grad @ weight_b) * ctx.scale  # (tokens, r)
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = ((grad_hidden @ weight_a).view(x.shape) * mask / ctx.keep).to(x.dtype)
+        if ctx.needs_input_grad[2]:
+            dropped = (x * mask / ctx.keep).reshape(-1, x.shape[-1])  # (tokens, in)
+            grad_a = grad_hidden.t() @ dropped
+        if ctx.needs_input_grad[3]:
+            grad_b = (grad.t() @ hidden) * ctx.scale
+        grad_result = grad_out if ctx.needs_input_grad[1] else None
+        return grad_x, grad_result, grad_a, grad_b, None, None
+
+
 @dataclass
 class LoRAConfig:
     """A LoRA or DoRA adapter, as written in an `adapters/*.yaml` preset."""
@@ -152,8 +197,8 @@ class LoRALinear(nn.Module):
             return self._dora_forward(x, result)
         weight_a = self.lora_A.weight
         x = x.to(weight_a.dtype)
-        if self.training and self.dropout_p > 0:
-            x = F.dropout(x, self.dropout_p, training=True)
+        if self.training and self.dropout_p > 0 and torch.is_grad_enabled():
+            return _DroppedLoRA.apply(x, result, weight_a, self.lora_B.weight, self.dropout_p, self.scale)
         hidden = F.linear(x, weight_a)  # (..., r)
         if hidden.dtype == result.dtype:
             # Note: one fused GEMM adds the update into the base output (result + scale * h @ B^T):
@@ -242,6 +287,7 @@ class LoRAMethod:
     """LoRA/DoRA answering the adapter protocol (see `peftkit.protocol.AdapterMethod`)."""
 
     name = "lora"
+    mergeable = True  # merge folds the update into the base weights
     peft_type = "LORA"
     config_class = LoRAConfig
     module_class = LoRALinear

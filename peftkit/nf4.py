@@ -260,10 +260,38 @@ def _check_state(packed: Tensor, state: NF4State) -> int:
     return n
 
 
-def _dequantize(packed: Tensor, state: NF4State, dtype: torch.dtype) -> Tensor:
-    """`dequantize_nf4`, returning `dtype` instead of `state.dtype`."""
+_SCRATCH: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+
+
+def _scratch(kind: str, device: torch.device, dtype: torch.dtype, numel: int) -> Tensor:
+    """A (numel,) buffer shared by every 4-bit layer, grown to the largest layer seen."""
+    buffer = _SCRATCH.get((kind, device, dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = _SCRATCH[(kind, device, dtype)] = torch.empty(numel, dtype=dtype, device=device)
+    return buffer[:numel]
+
+
+def _dequantize(packed: Tensor, state: NF4State, dtype: torch.dtype, transient: bool = False) -> Tensor:
+    """`dequantize_nf4`, returning `dtype` instead of `state.dtype`.
+
+    transient: the caller uses the weight at once and keeps no reference to it (`_NF4Linear`): on
+    CPU it is written into buffers that every layer shares, valid until the next such call.
+
+    Note:
+        A dequantisation allocates weight-sized temporaries (the byte indices, the fp32 values)
+        in every layer's forward and backward. glibc's malloc keeps such freed blocks in its
+        heap rather than returning them (its mmap threshold rises to the largest block freed),
+        and the fragmented heap held more resident memory than the 4-bit weights saved
+        (smollm2-135m QLoRA: a higher peak RSS than the fp32 base). Shared buffers allocate once.
+    """
     n = _check_state(packed, state)
-    pairs = _nf4_byte_table(packed.device).index_select(0, packed.view(-1).int())  # (n_bytes,)
+    codes = packed.view(-1)
+    if transient and packed.device.type == "cpu":
+        index = _scratch("index", packed.device, torch.int32, codes.numel()).copy_(codes)
+        pairs = _scratch("pairs", packed.device, torch.int64, codes.numel())
+        torch.index_select(_nf4_byte_table(packed.device), 0, index, out=pairs)  # (n_bytes,)
+    else:
+        pairs = _nf4_byte_table(packed.device).index_select(0, codes.int())  # (n_bytes,)
     values = pairs.view(torch.float32)  # (2 * n_bytes,): high nibble's value, then low nibble's
     return _scale_blocks(values, _block_scales(state), state.blocksize, n).view(state.shape).to(dtype)
 
@@ -298,14 +326,14 @@ class _NF4Linear(torch.autograd.Function):
     def forward(ctx, x: Tensor, packed: Tensor, state: NF4State, bias: Tensor | None) -> Tensor:
         ctx.state = state
         ctx.save_for_backward(packed)
-        return F.linear(x, _dequantize(packed, state, x.dtype), bias)
+        return F.linear(x, _dequantize(packed, state, x.dtype, transient=True), bias)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor) -> tuple[Tensor | None, None, None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None, None, None
         (packed,) = ctx.saved_tensors
-        return grad_output @ _dequantize(packed, ctx.state, grad_output.dtype), None, None, None
+        return grad_output @ _dequantize(packed, ctx.state, grad_output.dtype, transient=True), None, None, None
 
 
 class Linear4bit(nn.Module):

@@ -208,6 +208,7 @@ class PrefixMethod:
     """Prefix-tuning answering the adapter protocol (see `peftkit.protocol.AdapterMethod`)."""
 
     name = "prefix"
+    mergeable = False
     peft_type = "PREFIX_TUNING"
     config_class = PrefixConfig
 

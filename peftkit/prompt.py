@@ -158,6 +158,7 @@ class PromptMethod:
     """Prompt tuning answering the adapter protocol (see `peftkit.protocol.AdapterMethod`)."""
 
     name = "prompt"
+    mergeable = False
     peft_type = "PROMPT_TUNING"
     config_class = PromptConfig
 

@@ -29,6 +29,7 @@ class AdapterMethod(Protocol):
     name: str
     peft_type: str
     config_class: type
+    mergeable: bool  # merge() folds the adapter into the weights (else it raises)
 
     def apply(self, model: nn.Module, cfg: Any) -> nn.Module:
         """Inject the adapter in place (the caller freezes the base)."""

@@ -5,7 +5,8 @@
       adapter/         the trained adapter (peft's format) with its model card
       checkpoints/     resumable checkpoints (safetensors + JSON), the last K kept
       metrics.jsonl    one line per logging step
-      system.json      versions, device, wall time, peak memory, tokens/s
+      system.json      versions, device, wall time, peak memory (training's and the process's),
+                       tokens/s, bytes of a 4-bit base
       eval.json        per-task metrics, when the recipe names eval tasks
 """
 
@@ -33,7 +34,8 @@ from peftkit.errors import ConfigError
 from peftkit.models import load_model, task_of_model
 from peftkit.protocol import load_adapter_state_dict
 from peftkit.recipe import Recipe, save_resolved
-from peftkit.trainer import PeftkitTrainer, TaskTrainer, checkpoints, peak_memory_mb
+from peftkit.trainer import (PeftkitTrainer, TaskTrainer, checkpoints, peak_memory_mb, process_peak_memory_mb,
+                             reset_peak_memory)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,7 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
         args = TrainingArguments(**training_arguments(recipe, out), remove_unused_columns=False)
         trainer = TaskTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                               processing_class=tokenizer, **run_dir)
+    reset_peak_memory()  # system.json's peak is training's, not loading's
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if not trainer.args.should_save:
         return out  # other data-parallel ranks: the main process writes the run directory
@@ -275,8 +278,29 @@ def write_system(out: Path, started: float, trainer: PeftkitTrainer, stats: Data
                      "transformers": transformers.__version__, "trl": trl.__version__, "peftkit": peftkit.__version__},
         "device": device, "platform": platform.platform(), "world_size": trainer.args.world_size,
         "wall_time_s": round(wall, 2), "train_time_s": round(train_seconds, 2),
-        "peak_memory_mb": round(peak_memory_mb(), 1), "train_tokens": tokens,
+        "peak_memory_mb": round(peak_memory_mb(), 1), "process_peak_memory_mb": round(process_peak_memory_mb(), 1),
+        "quantized_base_bytes": quantized_base_bytes(trainer.model), "train_tokens": tokens,
         "tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1), "steps": trainer.state.global_step,
         "trainable_parameters": trainable[0], "total_parameters": trainable[1], "data": dataclasses.asdict(stats),
     }
     (out / "system.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def quantized_base_bytes(model: torch.nn.Module) -> int | None:
+    """Bytes of the 4-bit base layers with their quantisation state (ours or bitsandbytes'); None
+    for a model without any."""
+    from peftkit.qlora import weight_memory
+
+    ours = weight_memory(model)
+    if ours["layers"]:
+        return int(ours["bytes"])
+    total = 0
+    for module in model.modules():  # bitsandbytes: Params4bit plus its QuantState's tensors
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if state is not None:
+            tensors = [module.weight, state.absmax, state.code]
+            if state.nested:
+                tensors += [state.offset, state.state2.absmax, state.state2.code]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+    return total or None
+

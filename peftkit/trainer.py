@@ -41,9 +41,31 @@ class TrainingDiverged(PeftkitError):
 
 
 def peak_memory_mb() -> float:
+    """Peak memory since the last `reset_peak_memory`: CUDA allocations, else the process's peak RSS."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    try:  # Linux: VmHWM, which reset_peak_memory can reset (ru_maxrss cannot be)
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024  # KiB
+    except (OSError, IndexError, ValueError):
+        return process_peak_memory_mb()
+
+
+def process_peak_memory_mb() -> float:
+    """The process's peak RSS over its whole life (loading included)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def reset_peak_memory() -> None:
+    """Start `peak_memory_mb` afresh: so that training's peak is not the loading's (a QLoRA base is
+    read in full precision, then quantised)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
+    except OSError:
+        logger.debug("cannot reset the peak RSS here: peak_memory_mb includes loading")
 
 
 def checkpoints(directory: Path) -> list[Path]:

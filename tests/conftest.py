@@ -44,3 +44,19 @@ def randomize_adapter(model: torch.nn.Module, seed: int = 0, std: float = 0.05) 
 
 def token_batch(vocab: int, batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def completion_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Three rows of 20 tokens: a masked prompt, labelled completions, one row right-padded."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (3, 20), generator=gen)
+    labels = ids.clone()
+    labels[:, :12] = -100
+    labels[1, 15:] = -100
+    mask = torch.ones_like(ids)
+    mask[1, 15:] = 0
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()

@@ -104,6 +104,31 @@ def test_seeded_sampling_is_reproducible(tiny):
     assert all(first)
 
 
+@pytest.mark.parametrize("adapter", [{}, {"quantize": "nf4", "target_modules": "all-linear"}, {"dora": True}],
+                         ids=["lora", "qlora", "dora"])
+def test_generation_runs_merged_and_restores_weights_exactly(tiny, adapter):
+    """A LoRA-family adapter generates through merged weights: the same text as unmerged, and
+    afterwards the same layers, flags and bits as before."""
+    model, tokenizer = tiny
+    peftkit.apply_adapter(model, "lora", r=4, alpha=8, **adapter)
+    randomize_adapter(model, std=0.3)
+    prompts = [prompt_ids(tokenizer, messages([], "Describe the restaurant " * n)) for n in (1, 3, 2)]
+    settings = GenerationSettings(max_new_tokens=10)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    layers = [type(m.base) for m in model.modules() if isinstance(m, peftkit.LoRALinear)]
+    merged = []
+    original_generate = model.generate
+    model.generate = lambda **kw: merged.append(all(m.merged for m in model.modules()
+                                                    if isinstance(m, peftkit.LoRALinear))) or original_generate(**kw)
+    texts = generate(model, tokenizer, prompts, settings, batch_size=2, progress=False)
+    assert merged and all(merged)  # it did generate through merged weights
+    assert texts == generate(model, tokenizer, prompts, settings, batch_size=2, progress=False, merge=False)
+    assert not any(m.merged for m in model.modules() if isinstance(m, peftkit.LoRALinear))
+    assert [type(m.base) for m in model.modules() if isinstance(m, peftkit.LoRALinear)] == layers
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+
+
 def test_sampling_settings_reach_eval_json(tiny):
     model, tokenizer = tiny
     gen = {"greedy": False, "temperature": 0.7, "top_k": 20, "seed": 3, "max_new_tokens": 4}

@@ -11,26 +11,10 @@ import peftkit
 from peftkit import lm_loss
 from peftkit.lm_loss import labelled_log_probs, labelled_loss, supports_labelled_loss
 from peftkit.protocol import adapter_parameters
-from tests.conftest import randomize_adapter
+from tests.conftest import completion_batch, randomize_adapter, relative
 from tests.test_train import write_recipe
 
 TOL = 1e-6
-
-
-def completion_batch(vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Three rows of 20 tokens: a masked prompt, labelled completions, one row right-padded."""
-    gen = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (3, 20), generator=gen)
-    labels = ids.clone()
-    labels[:, :12] = -100
-    labels[1, 15:] = -100
-    mask = torch.ones_like(ids)
-    mask[1, 15:] = 0
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def relative(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
 
 
 def loss_and_grads(model, batch, ours: bool) -> tuple[float, dict[str, torch.Tensor]]:

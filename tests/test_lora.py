@@ -149,3 +149,51 @@ def test_bf16_base_keeps_fp32_adapter(tiny):
     assert layer.lora_A.weight.dtype == torch.float32
     out = model(token_batch(VOCAB)).logits
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+def _saved_bytes(model, x) -> int:
+    """Bytes autograd keeps for backward through one forward (each storage counted once), with
+    input embeddings that need a gradient, so every layer's input is part of the graph."""
+    storages = {}
+    embeds = model.get_input_embeddings()(x).detach().requires_grad_()
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(inputs_embeds=embeds, labels=x).loss
+    return sum(storages.values())
+
+
+def test_dropout_matches_peft_and_keeps_less_for_backward(tmp_path):
+    """With dropout, the same seed drops the same elements as peft's nn.Dropout: equal loss and
+    adapter gradients; and backward keeps a boolean mask instead of F.dropout's float noise and output."""
+    from peft import PeftModel
+
+    base = lambda: peftkit.load_model("tiny-llama", dtype="fp32", device="cpu")[0]  # noqa: E731
+    model = peftkit.apply_adapter(base(), "lora", r=4, alpha=8, dropout=0.3, target_modules="all-linear")
+    randomize_adapter(model)
+    theirs = PeftModel.from_pretrained(base(), peftkit.save_adapter(model, tmp_path / "a"), is_trainable=True)
+    x = token_batch(VOCAB, batch=2, length=24)
+    grads = []
+    for m in (model, theirs):
+        m.train()
+        torch.manual_seed(7)
+        loss = m(input_ids=x, labels=x).loss
+        loss.backward()
+        grads.append((loss.item(), {n.split("base_model.model.")[-1].replace(".default", ""): p.grad
+                                    for n, p in m.named_parameters() if p.requires_grad}))
+    (ours_loss, ours_grads), (peft_loss, peft_grads) = grads
+    assert abs(ours_loss - peft_loss) <= 1e-6 * abs(peft_loss)
+    assert ours_grads.keys() == peft_grads.keys()
+    for name, grad in ours_grads.items():
+        assert (grad - peft_grads[name]).norm() <= 1e-5 * peft_grads[name].norm(), name
+    torch.manual_seed(7)
+    ours_saved = _saved_bytes(model, x)
+    torch.manual_seed(7)
+    peft_saved = _saved_bytes(theirs, x)
+    # Per adapted layer F.dropout keeps 8 bytes an input element (noise + output); ours 1 (the
+    # mask) plus 4 for the input itself, shared by the layers that read it (q, k, v; gate, up).
+    inputs = sum(m.base.in_features for m in model.modules() if isinstance(m, LoRALinear)) * x.numel()
+    assert peft_saved - ours_saved >= 4 * inputs

@@ -5,6 +5,7 @@ rerun with the same settings and batch size gives the same text, whatever ran be
 caller's global RNG is left as it was.
 """
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -49,11 +50,13 @@ def refuse_peft_prefix(model: nn.Module) -> None:
                                     "with them")
 
 
-@torch.inference_mode()
 def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
              settings: GenerationSettings, batch_size: int = 8, desc: str | None = None,
-             progress: bool = True) -> list[str]:
+             progress: bool = True, merge: bool = True) -> list[str]:
     """Generate a completion for each prompt and decode it.
+
+    A mergeable peftkit adapter (the LoRA family) generates through merged weights, which are
+    restored bit for bit afterwards (`peftkit.api.merged_for_inference`).
 
     Args:
         model: a causal LM (prompts left-padded, the new tokens follow them), or an encoder-decoder
@@ -63,11 +66,21 @@ def generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequ
         settings: greedy or sampling, lengths and seed.
         batch_size: prompts per `generate` call.
         desc, progress: the progress bar's label, and whether to show it.
+        merge: generate through merged weights where the adapter can merge.
 
     Returns:
         The decoded new text of each prompt, stripped, in the order of `prompts`.
     """
+    from peftkit.api import merged_for_inference
+
     refuse_peft_prefix(model)
+    with merged_for_inference(model) if merge else contextlib.nullcontext():
+        return _generate(model, tokenizer, prompts, settings, batch_size, desc, progress)
+
+
+@torch.inference_mode()
+def _generate(model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[list[int]],
+              settings: GenerationSettings, batch_size: int, desc: str | None, progress: bool) -> list[str]:
     device = next(model.parameters()).device
     padding = pad_id(tokenizer)
     config = hf_generation_config(settings, padding, stop_ids(model, tokenizer))
