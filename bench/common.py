@@ -50,14 +50,27 @@ def interleaved(cases: dict[str, Callable[[], object]], reps: int, warmup: int =
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def train_step(model: torch.nn.Module, batch: torch.Tensor) -> Callable[[], None]:
-    """One forward + backward + AdamW step on `batch` (labels = inputs); no optimiser if nothing trains."""
+def train_step(model: torch.nn.Module, batch: torch.Tensor, labels: torch.Tensor | None = None,
+               labels_only: bool = False) -> Callable[[], None]:
+    """One forward + backward + AdamW step on `batch`; no optimiser if nothing trains.
+
+    labels: (batch, seq), -100 where nothing is scored; None: the inputs themselves.
+    labels_only: the loss on labelled positions only (`peftkit.lm_loss.labelled_loss`, what
+        `peftkit train` runs), else the model's own loss over every position's logits.
+    """
+    from peftkit.lm_loss import labelled_loss
+
+    labels = batch if labels is None else labels
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     model.train()
 
     def step() -> None:
-        model(input_ids=batch, labels=batch).loss.backward()
+        if labels_only:
+            loss = labelled_loss(model, {"input_ids": batch, "labels": labels}).loss
+        else:
+            loss = model(input_ids=batch, labels=labels).loss
+        loss.backward()
         if opt is not None:
             opt.step()
             opt.zero_grad(set_to_none=True)

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peftkit  # noqa: E402
-from peftkit.lm_loss import labelled_loss  # noqa: E402
+from bench.common import train_step  # noqa: E402
 from peftkit.nf4 import dequantize_nf4, quantize_nf4  # noqa: E402
 
 SMOLLM2_135M = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
@@ -73,22 +73,6 @@ def bnb_base(directory: str, device: torch.device):
                                                  device_map={"": device})
     model.config.use_cache = False
     return model
-
-
-def step_fn(model, batch: torch.Tensor, labels: torch.Tensor, labels_only: bool):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-
-    def step() -> None:
-        if labels_only:
-            loss = labelled_loss(model, {"input_ids": batch, "labels": labels}).loss
-        else:
-            loss = model(input_ids=batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
 
 
 def measure(cases: dict, reps: int, device: torch.device) -> dict:
@@ -140,7 +124,6 @@ def main() -> None:
     batch_size, seq = (2, 32) if args.smoke else (args.batch, args.seq)
     torch.manual_seed(0)
     batch = torch.randint(3, config["vocab_size"], (batch_size, seq), device=device)
-    labels = batch.clone()
     completion = batch.clone()
     completion[:, : seq - seq // 4] = -100  # (batch, seq): the prompt's three quarters are masked
     results: dict = {}
@@ -148,15 +131,15 @@ def main() -> None:
         AutoModelForCausalLM.from_config(LlamaConfig(**config)).save_pretrained(directory)
         ours = peftkit.apply_adapter(base_model(device, directory), "lora", **LORA)
         theirs = peft_model(base_model(device, directory))
-        cases = {"peftkit lora": step_fn(ours, batch, labels, labels_only=False),
-                 "peft lora": step_fn(theirs, batch, labels, labels_only=False),
-                 "peftkit completion": step_fn(ours, batch, completion, labels_only=True),
-                 "peft completion": step_fn(theirs, batch, completion, labels_only=False)}
+        cases = {"peftkit lora": train_step(ours, batch),
+                 "peft lora": train_step(theirs, batch),
+                 "peftkit completion": train_step(ours, batch, completion, labels_only=True),
+                 "peft completion": train_step(theirs, batch, completion, labels_only=False)}
         qlora = peftkit.apply_adapter(base_model(device, directory), "lora", quantize="nf4", **LORA)
-        cases["peftkit qlora"] = step_fn(qlora, batch, completion, labels_only=True)
+        cases["peftkit qlora"] = train_step(qlora, batch, completion, labels_only=True)
         bnb = bnb_base(directory, device) if device.type == "cuda" else None
         if bnb is not None:
-            cases["peft+bnb qlora"] = step_fn(peft_model(bnb), batch, completion, labels_only=False)
+            cases["peft+bnb qlora"] = train_step(peft_model(bnb), batch, completion, labels_only=False)
         results["steps"] = measure(cases, 2 if args.smoke else args.reps, device)
         del ours, theirs, qlora, bnb, cases
     size = 256 if args.smoke else 4096

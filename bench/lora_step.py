@@ -21,7 +21,6 @@ from peft import LoraConfig, PeftModel, get_peft_model
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import peftkit  # noqa: E402
 from bench.common import bench_args, interleaved, train_step, write_record  # noqa: E402
-from peftkit.lm_loss import labelled_loss  # noqa: E402
 from peftkit.protocol import adapter_parameters  # noqa: E402
 
 CONFIGS = {
@@ -56,23 +55,6 @@ def floor_model(name):
     return model
 
 
-def completion_step(model, batch, labels, labels_only: bool):
-    """One forward + backward + AdamW step with prompt positions masked out of the loss."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    model.train()
-
-    def step() -> None:
-        if labels_only:
-            loss = labelled_loss(model, {"input_ids": batch, "labels": labels}, None).loss
-        else:
-            loss = model(input_ids=batch, labels=labels).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    return step
-
-
 def generation(model, prompt, new_tokens):
     model.eval()
 
@@ -96,8 +78,8 @@ def main() -> None:
         cases[f"peftkit {tag}"] = train_step(ours(args.model, ours_kw), batch)
         cases[f"peft {tag}"] = train_step(theirs(args.model, peft_kw), batch)
     ours_kw, peft_kw = CONFIGS["r16-all"]
-    cases["peftkit completion"] = completion_step(ours(args.model, ours_kw), batch, labels, labels_only=True)
-    cases["peft completion"] = completion_step(theirs(args.model, peft_kw), batch, labels, labels_only=False)
+    cases["peftkit completion"] = train_step(ours(args.model, ours_kw), batch, labels, labels_only=True)
+    cases["peft completion"] = train_step(theirs(args.model, peft_kw), batch, labels, labels_only=False)
     step = interleaved(cases, reps=args.reps)
 
     prompt = torch.randint(3, vocab, (1, 32))

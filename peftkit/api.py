@@ -139,7 +139,7 @@ def merged_for_inference(model: nn.Module) -> Iterator[bool]:
     """
     cfg = getattr(model, "peftkit_config", None)
     method = METHODS.get(cfg.method) if cfg is not None else None
-    if method is None or not getattr(method, "mergeable", False):
+    if method is None or not method.mergeable:
         yield False
         return
     originals = {id(p): (p, p.data) for p in model.parameters()}

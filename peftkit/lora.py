@@ -39,9 +39,9 @@ class _DroppedLoRA(torch.autograd.Function):
         all-linear targets and r = 64 more than the 4-bit base weights themselves. This function
         keeps x (one tensor shared by the layers that read it: q, k and v; gate and up), the
         boolean mask and the rank-r hidden, and recomputes dropout(x) = x * mask / (1 - p) in
-        backward. The mask comes from
-        `torch.native_dropout`, which draws the same random numbers as `F.dropout` (and so as
-        peft's `nn.Dropout`) on CPU and CUDA: the same seed drops the same elements.
+        backward. The mask comes from `torch.native_dropout`, which draws the same random numbers
+        as `F.dropout` (and so as peft's `nn.Dropout`) on CPU and CUDA: the same seed drops the
+        same elements.
     """
 
     @staticmethod
