@@ -294,13 +294,17 @@ def quantized_base_bytes(model: torch.nn.Module) -> int | None:
     ours = weight_memory(model)
     if ours["layers"]:
         return int(ours["bytes"])
+    weights = {}  # bitsandbytes: each Params4bit once (peft's LoRA wrapper exposes its base's `weight` too)
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if getattr(weight, "quant_state", None) is not None:
+            weights[id(weight)] = weight
     total = 0
-    for module in model.modules():  # bitsandbytes: Params4bit plus its QuantState's tensors
-        state = getattr(getattr(module, "weight", None), "quant_state", None)
-        if state is not None:
-            tensors = [module.weight, state.absmax, state.code]
-            if state.nested:
-                tensors += [state.offset, state.state2.absmax, state.state2.code]
-            total += sum(t.numel() * t.element_size() for t in tensors)
+    for weight in weights.values():  # the packed codes plus the QuantState's tensors
+        state = weight.quant_state
+        tensors = [weight, state.absmax, state.code]
+        if state.nested:
+            tensors += [state.offset, state.state2.absmax, state.state2.code]
+        total += sum(t.numel() * t.element_size() for t in tensors)
     return total or None
 
