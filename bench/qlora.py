@@ -50,7 +50,7 @@ def main() -> None:
     vocab = peftkit.load_model(args.model)[0].config.vocab_size
     batch = torch.randint(3, vocab, (args.batch, args.seq))
     ours = peftkit.apply_adapter(peftkit.load_model(args.model, dtype="fp32", device="cpu")[0], "qlora", **ADAPTER)
-    from peftkit.lora import LoRAConfig
+    from peftkit.methods.lora import LoRAConfig
 
     cfg = LoRAConfig(target_modules="all-linear", quantize="nf4", **ADAPTER)
     theirs = apply_peft(peftkit.load_model(args.model, dtype="fp32", device="cpu")[0], cfg)

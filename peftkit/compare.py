@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from peftkit.errors import ConfigError
+from peftkit.methods import method_label
 
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
@@ -63,9 +64,7 @@ def recipe_method(recipe: dict) -> str | None:
         cfg = resolve_adapter(recipe.get("adapter", "lora"), **(recipe.get("adapter_overrides") or {}))
     except ConfigError:
         return None
-    if cfg.method == "lora":
-        return "qlora" if cfg.quantize else "dora" if cfg.dora else "lora"
-    return cfg.method
+    return method_label(cfg)
 
 
 def summarize(run: Path) -> RunSummary:

@@ -28,6 +28,7 @@ from peftkit.evaluation.splits import split_heldout
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.models import DTYPES, REGISTRY, load_model, task_of_model
 from peftkit.models.tasks import AUTO_CLASSES, HEAD_NAMES, PEFT_TASK_TYPES
+from peftkit.methods import METHODS, method_label
 from peftkit.protocol import PEFT_PREFIX
 
 logger = logging.getLogger(__name__)
@@ -120,8 +121,8 @@ def merge_to_dir(source: str | Path, out: str | Path, *, dtype: str = "fp32", ba
     after, ppl_after = measure(merged, batches)
     merged = merged.to(DTYPES[dtype])
     record = {
-        "adapter": str(adapter_dir), "base_model": base_name, "task": task_of_model(merged), "method": "qlora" if getattr(cfg, "quantize", None)
-        else "dora" if cfg.dora else "lora", "merged_into": base if getattr(cfg, "quantize", None) else "original",
+        "adapter": str(adapter_dir), "base_model": base_name, "task": task_of_model(merged), "method": method_label(cfg),
+        "merged_into": base if getattr(cfg, "quantize", None) else "original",
         "dtype": dtype, "max_logit_diff_fp32": max((a - b).abs().max().item() for a, b in zip(before, after)),
         "perplexity_adapter": ppl_before, "perplexity_merged": ppl_after, "heldout_examples": len(batches),
     }
@@ -146,9 +147,9 @@ def load_adapted(source: str | Path) -> tuple[nn.Module, object, str, Path]:
     model, tokenizer = load_model(base_name, dtype="fp32", device="cpu", **saved_task(adapter_dir))
     adapted = load_adapter(model, adapter_dir)
     cfg = adapted.peftkit_config
-    if cfg.method != "lora":
-        raise AdapterError(f"{cfg.method} adapters cannot be merged: virtual tokens are inputs, not weight updates; "
-                           f"ship the adapter directory {adapter_dir} and load it with peftkit or peft")
+    if not METHODS[cfg.method].mergeable:
+        raise AdapterError(f"{cfg.method} adapters cannot be merged into the weights: ship the adapter directory "
+                           f"{adapter_dir} and load it with peftkit or peft")
     return adapted, tokenizer, base_name, adapter_dir
 
 

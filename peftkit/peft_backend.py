@@ -5,6 +5,7 @@ peft and bitsandbytes are imported here only, inside functions: peftkit's own ad
 use them.
 """
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,15 @@ def peft_config(cfg: Any, model: nn.Module) -> Any:
         return peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=task_type,
                                        prompt_tuning_init=init, prompt_tuning_init_text=cfg.init_text,
                                        tokenizer_name_or_path=model.config._name_or_path if cfg.init_text else None)
+    from peftkit.methods import METHODS
+    from peftkit.methods.layer import LayerMethod
+
+    method = METHODS[cfg.method]
+    if isinstance(method, LayerMethod):  # our saved config is peft's schema: build peft's config from it
+        cfg = dataclasses.replace(cfg, target_modules=family_targets(model, cfg.target_modules))
+        fields = {**method.to_peft_config(cfg, model), "task_type": task_type, "inference_mode": False}
+        fields.pop("fan_in_fan_out")  # peft sets it per layer type
+        return peft.get_peft_config(fields)
     raise ConfigError(f"impl: peft has no counterpart for method {cfg.method!r}: use impl: peftkit")
 
 

@@ -7,7 +7,10 @@ with `adapter_parameter_names`; their state dict uses peft's key names. An adapt
 its own keys (`peft_parameters`) and compute its own saved tensors (`peft_state_dict`): prefix and
 prompt tuning save the bare key `prompt_embeddings`, with prefix-tuning's MLP folded in; beside
 them a classification head is saved under `base_model.classifier.weight`, without LoRA's `.model`,
-since peft wraps no tuner model around the base for prompt learning.
+since peft wraps no tuner model around the base for prompt learning. Frozen tensors an adapter
+saves beside its parameters (VeRA's shared random matrices) come from `peft_buffers`.
+
+The methods themselves, one module each, are registered in `peftkit.methods`.
 """
 
 from typing import Any, Protocol
@@ -16,10 +19,8 @@ import torch
 from torch import nn
 
 from peftkit.errors import AdapterError
-from peftkit.lora import LoRAMethod
-from peftkit.prefix import PrefixMethod
-from peftkit.prompt import PromptMethod
-from peftkit.virtual_tokens import VirtualTokens
+from peftkit.methods import METHODS
+from peftkit.methods.virtual_tokens import VirtualTokens
 
 PEFT_PREFIX = "base_model.model."  # peft's saved keys start with this
 PROMPT_LEARNING_PREFIX = "base_model."  # ... or, with prefix and prompt tuning, with this
@@ -30,6 +31,7 @@ class AdapterMethod(Protocol):
     peft_type: str
     config_class: type
     mergeable: bool  # merge() folds the adapter into the weights (else it raises)
+    padding_free: bool  # trains on packed rows (virtual tokens need the padded layout: a cache would bridge rows)
 
     def apply(self, model: nn.Module, cfg: Any) -> nn.Module:
         """Inject the adapter in place (the caller freezes the base)."""
@@ -50,7 +52,6 @@ class AdapterMethod(Protocol):
         """The config from a peft adapter_config.json; an error naming unsupported fields."""
 
 
-METHODS: dict[str, AdapterMethod] = {"lora": LoRAMethod(), "prefix": PrefixMethod(), "prompt": PromptMethod()}
 PEFT_TYPES: dict[str, AdapterMethod] = {m.peft_type: m for m in METHODS.values()}
 
 
@@ -86,6 +87,15 @@ def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return params
 
 
+def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Frozen tensors an adapter saves beside its parameters (VeRA's shared random matrices), by peft's key."""
+    buffers = {}
+    for module in adapter_modules(model).values():
+        if hasattr(module, "peft_buffers"):
+            buffers.update(module.peft_buffers())
+    return buffers
+
+
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The adapter's tensors only, detached and contiguous, under peft's key names."""
     state, prefix = {}, key_prefix(model)
@@ -94,6 +104,7 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
             state.update(module.peft_state_dict())
         else:
             state.update({key: p.detach().contiguous() for key, p in module_parameters(name, module, prefix).items()})
+    state.update({key: b.detach().contiguous() for key, b in adapter_buffers(model).items()})
     return state
 
 
@@ -105,7 +116,7 @@ def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor
         AdapterError: a missing or unexpected key, or a shape mismatch (an adapter made for
             another base model), naming the tensor and both shapes.
     """
-    params = adapter_parameters(model)
+    params = adapter_parameters(model) | adapter_buffers(model)
     missing = sorted(params.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - params.keys())
     base = getattr(model, "peftkit_base_name", "this model")

@@ -32,6 +32,7 @@ from peftkit.data_tasks import tokenize_classes, tokenize_seq2seq
 from peftkit.evaluation.splits import split_heldout
 from peftkit.errors import ConfigError
 from peftkit.models import load_model, task_of_model
+from peftkit.methods import METHODS
 from peftkit.protocol import load_adapter_state_dict
 from peftkit.recipe import Recipe, save_resolved
 from peftkit.trainer import (PeftkitTrainer, TaskTrainer, checkpoints, peak_memory_mb, process_peak_memory_mb,
@@ -83,7 +84,7 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     # Note: LoRA-family runs train padding-free (a batch is one row, position ids restart per
     # example, so examples never attend to each other): no compute is spent on pad tokens.
     # Virtual-token methods need the padded layout: their cache would bridge packed examples.
-    padding_free = adapter_cfg.method == "lora"
+    padding_free = METHODS[adapter_cfg.method].padding_free
     run_dir = {"run_dir": out, "save_adapter": save_fn, "load_adapter_weights": load_fn}
     if task == "causal-lm":
         trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free), train_dataset=train_set,

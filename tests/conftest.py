@@ -42,6 +42,22 @@ def randomize_adapter(model: torch.nn.Module, seed: int = 0, std: float = 0.05) 
                 param.add_(noise)
 
 
+def train_losses(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2) -> list[float]:
+    """The loss of each of `steps` AdamW steps on four fixed random batches (for loss-curve parity)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    batches = [token_batch(model.config.vocab_size, batch=2, length=24, seed=s) for s in range(4)]
+    model.train()
+    losses = []
+    for step in range(steps):
+        x = batches[step % len(batches)]
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def token_batch(vocab: int, batch: int = 2, length: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 

@@ -6,7 +6,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 import peftkit
-from tests.conftest import VOCAB, randomize_adapter, token_batch
+from tests.conftest import VOCAB, randomize_adapter, token_batch, train_losses
 
 VARIANTS = {
     "lora": ({"target_modules": ["q_proj", "v_proj"]}, {"target_modules": ["q_proj", "v_proj"]}),
@@ -91,22 +91,6 @@ def test_saved_config_matches_peft_schema(tmp_path):
     assert (config.r, config.lora_alpha, config.use_rslora, config.use_dora) == (16, 32, True, False)
     assert set(config.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
     assert config.base_model_name_or_path == "tiny-llama"
-
-
-def train_losses(model, steps=20, lr=1e-2):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr)
-    batches = [token_batch(model.config.vocab_size, batch=2, length=24, seed=s) for s in range(4)]
-    model.train()
-    losses = []
-    for step in range(steps):
-        x = batches[step % len(batches)]
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
-    return losses
 
 
 def loss_curves(name, variant, tmp_path):

@@ -16,8 +16,8 @@ from transformers import StaticCache
 
 import peftkit
 from peftkit.errors import AdapterError, ConfigError
-from peftkit.prefix import PrefixEncoder
-from peftkit.prompt import PromptEmbedding
+from peftkit.methods.prefix import PrefixEncoder
+from peftkit.methods.prompt import PromptEmbedding
 from tests.conftest import VOCAB, token_batch
 
 TOL = 1e-5

@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 import peftkit
 from peftkit.errors import AdapterError
-from peftkit.lora import LoRALinear
+from peftkit.methods.lora import LoRALinear
 from peftkit.nf4 import Linear4bit
 from peftkit.qlora import weight_memory
 from peftkit.peft_backend import bnb_quantize

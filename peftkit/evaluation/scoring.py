@@ -18,7 +18,7 @@ from torch import nn
 
 from peftkit.evaluation.batches import pad, sorted_batches
 from peftkit.evaluation.prompts import IGNORE_INDEX
-from peftkit.prefix import cache_kwarg
+from peftkit.methods.prefix import cache_kwarg
 
 MIN_SHARED = 8  # a shorter shared prefix is not worth its own forward pass
 

@@ -13,7 +13,7 @@ MLP is folded into a plain prefix when saving, so a saved adapter is always plai
 
 Decoders (causal LMs) and encoder-decoders (T5) take a prefix; on an encoder-decoder it goes,
 as in peft 0.21, into the decoder's self-attention only (see `PrefixEncoder`'s Note). Masks,
-positions and hooks are shared with prompt tuning, see `peftkit.virtual_tokens`.
+positions and hooks are shared with prompt tuning, see `peftkit.methods.virtual_tokens`.
 """
 
 from dataclasses import dataclass
@@ -25,7 +25,7 @@ from transformers import DynamicCache, EncoderDecoderCache
 
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.models.tasks import task_of_model
-from peftkit.virtual_tokens import (VirtualTokens, adapter_dtype, cache_kwarg, check_init, check_prompt_learning_config,
+from peftkit.methods.virtual_tokens import (VirtualTokens, adapter_dtype, cache_kwarg, check_init, check_prompt_learning_config,
                                     check_virtual_tokens, gradient_checkpointing, init_token_ids,
                                     transformer_submodules)
 
@@ -209,6 +209,7 @@ class PrefixMethod:
 
     name = "prefix"
     mergeable = False
+    padding_free = False  # virtual tokens need the padded layout
     peft_type = "PREFIX_TUNING"
     config_class = PrefixConfig
 

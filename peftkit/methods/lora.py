@@ -288,6 +288,7 @@ class LoRAMethod:
 
     name = "lora"
     mergeable = True  # merge folds the update into the base weights
+    padding_free = True
     peft_type = "LORA"
     config_class = LoRAConfig
     module_class = LoRALinear

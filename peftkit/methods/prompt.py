@@ -20,7 +20,7 @@ As in peft, the attention mask gains n leading ones and the virtual tokens take 
 
 Unlike peft, per-token logits cover the real tokens only (batch, L, ...), as with every other
 method, so evaluation and trainers never branch on the method. The plumbing (hooks, masks,
-positions, generate) is shared with prefix-tuning, see `peftkit.virtual_tokens`.
+positions, generate) is shared with prefix-tuning, see `peftkit.methods.virtual_tokens`.
 """
 
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ from torch import nn
 
 from peftkit.errors import AdapterError
 from peftkit.models.tasks import task_of_model
-from peftkit.virtual_tokens import (TOKEN_TASKS, VirtualTokens, adapter_dtype, check_init, check_prompt_learning_config,
+from peftkit.methods.virtual_tokens import (TOKEN_TASKS, VirtualTokens, adapter_dtype, check_init, check_prompt_learning_config,
                                     check_virtual_tokens, init_token_ids, positional_names,
                                     transformer_submodules)
 
@@ -159,6 +159,7 @@ class PromptMethod:
 
     name = "prompt"
     mergeable = False
+    padding_free = False  # virtual tokens need the padded layout
     peft_type = "PROMPT_TUNING"
     config_class = PromptConfig
 

@@ -7,7 +7,7 @@ it and its hooks again. What the hooks do follows peft 0.21's `PeftModelFor*` cl
 
     causal-lm   mask gains n leading ones; real tokens sit at positions n, n + 1, ...
     seq2seq     prompt: the encoder's input and mask; prefix: the decoder's self-attention
-                cache and mask (see `peftkit.prefix` for peft's layer layout)
+                cache and mask (see `peftkit.methods.prefix` for peft's layer layout)
     seq-cls     prompt: embeddings, mask and token types gain n leading entries; prefix: every
                 layer's self-attention cache starts with the prefix, the mask gains n ones
     token-cls   the same, and prompt tuning's labels gain n leading -100 (logits cover the real tokens)
