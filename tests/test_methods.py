@@ -21,6 +21,11 @@ CASES = {
              ("HiraConfig", {"r": 4, "target_modules": ["q_proj", "v_proj"]}), {"init_weights": False}, 1.0),
     "ia3": ({}, ("IA3Config", {"target_modules": ["k_proj", "v_proj", "down_proj"], "feedforward_modules": ["down_proj"]}),
             {"init_ia3_weights": False}, 0.3),
+    "loha": ({"r": 4, "alpha": 8}, ("LoHaConfig", {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]}),
+             {"init_weights": False}, 1e-2),
+    "lokr": ({"r": 2, "alpha": 4, "decompose_both": True},
+             ("LoKrConfig", {"r": 2, "alpha": 4, "decompose_both": True, "target_modules": ["q_proj", "v_proj"]}),
+             {"init_weights": False}, 0.1),
     "vera": ({"r": 8}, ("VeraConfig", {"r": 8, "target_modules": ["q_proj", "v_proj"]}), {"init_weights": False}, 0.3),
 }
 TOL = 1e-5
@@ -120,3 +125,32 @@ def test_impl_peft_builds_the_same_adapter(case):
     peft_model = apply_peft(load(), resolve_adapter(case, **CASES[case][0]))
     assert type(peft_model.peft_config["default"]).__name__ == CASES[case][1][0]
     assert peft_model.get_nb_trainable_parameters() == peftkit.trainable_parameters(ours(case))
+
+
+def test_lokr_factorization_is_peft_s():
+    from peft.tuners.lokr.layer import factorization as peft_factorization
+
+    from peftkit.methods.lokr import factorization
+
+    for dimension in (1, 2, 7, 12, 64, 96, 127, 576, 1536, 4096, 4608):
+        for factor in (-1, 2, 4, 8, 16, 5):
+            assert factorization(dimension, factor) == peft_factorization(dimension, factor), (dimension, factor)
+
+
+@pytest.mark.parametrize("case", ["loha", "lokr"])
+def test_rank_and_module_dropout_draw_as_peft(case, tmp_path):
+    """Same seed, same dropped rows and skipped modules: training-mode outputs equal peft's."""
+    dropouts = {"rank_dropout": 0.3, "module_dropout": 0.2}
+    model = peftkit.apply_adapter(load(), case, **CASES[case][0], **dropouts)
+    randomize_adapter(model)
+    peft_model = PeftModel.from_pretrained(load(), peftkit.save_adapter(model, tmp_path / "a"), is_trainable=True)
+    assert peft_model.peft_config["default"].rank_dropout == 0.3
+    x = token_batch(model.config.vocab_size)
+    outputs = []
+    for m in (model, peft_model):
+        m.train()
+        torch.manual_seed(1)
+        outputs.append(torch.stack([m(x).logits for _ in range(3)]))
+    assert (outputs[0] - outputs[1]).abs().max().item() <= TOL
+    model.eval()
+    assert (outputs[0][0] - logits(model, x)).abs().max().item() > 1e-4  # dropout changed something

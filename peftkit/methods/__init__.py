@@ -14,6 +14,8 @@ trainable counts, 20 AdamW steps, merge and unmerge), and `impl: peft` in
 
 from peftkit.methods.hira import HiRAMethod
 from peftkit.methods.ia3 import IA3Method
+from peftkit.methods.loha import LoHaMethod
+from peftkit.methods.lokr import LoKrMethod
 from peftkit.methods.lora import LoRAMethod
 from peftkit.methods.prefix import PrefixMethod
 from peftkit.methods.prompt import PromptMethod
@@ -26,6 +28,8 @@ METHODS = {method.name: method for method in (
     HiRAMethod(),
     IA3Method(),
     VeRAMethod(),
+    LoHaMethod(),
+    LoKrMethod(),
 )}
 
 
