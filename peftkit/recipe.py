@@ -52,6 +52,7 @@ class TrainConfig:
     scheduler: str = "cosine"  # cosine | linear | constant
     warmup_ratio: float = 0.03  # share of steps warming up linearly from 0
     weight_decay: float = 0.0
+    loraplus_lr_ratio: float | None = None  # LoRA+: B's learning rate is lr * this (the paper suggests 16)
     max_grad_norm: float = 1.0  # gradient clipping; 0 disables it
     precision: str = "auto"  # auto (bf16 on a GPU that supports it, else fp32) | fp32 | bf16 | fp16
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
@@ -70,6 +71,9 @@ class TrainConfig:
                  "must be cosine, linear or constant", self.scheduler)
         _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
         _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        _require(self.loraplus_lr_ratio is None or (not isinstance(self.loraplus_lr_ratio, bool) and isinstance(
+            self.loraplus_lr_ratio, (int, float)) and self.loraplus_lr_ratio > 0), "train.loraplus_lr_ratio",
+            "must be empty or a number > 0 (LoRA+ uses 16)", self.loraplus_lr_ratio)
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
         _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
                  "must be auto, fp32, bf16 or fp16", self.precision)

@@ -85,7 +85,8 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     # example, so examples never attend to each other): no compute is spent on pad tokens.
     # Virtual-token methods need the padded layout: their cache would bridge packed examples.
     padding_free = METHODS[adapter_cfg.method].padding_free
-    run_dir = {"run_dir": out, "save_adapter": save_fn, "load_adapter_weights": load_fn}
+    run_dir = {"run_dir": out, "save_adapter": save_fn, "load_adapter_weights": load_fn,
+               "optimizer_factory": _optimizer_factory(recipe, adapter_cfg)}
     if task == "causal-lm":
         trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free), train_dataset=train_set,
                                  processing_class=tokenizer, labels_only=recipe.impl == "peftkit", **run_dir)
@@ -223,6 +224,19 @@ def training_arguments(recipe: Recipe, out: Path) -> dict[str, Any]:
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         report_to="none", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
         disable_tqdm=False, optim="adamw_torch")
+
+
+def _optimizer_factory(recipe: Recipe, adapter_cfg):
+    """LoRA+'s optimizer when the recipe asks for it (ours, or peft's for impl=peft); else the Trainer's."""
+    ratio = recipe.train.loraplus_lr_ratio
+    if ratio is None:
+        return None
+    if adapter_cfg.method != "lora":
+        raise ConfigError(f"train.loraplus_lr_ratio applies to LoRA adapters (lora, dora, qlora), not "
+                          f"{adapter_cfg.method}: remove it or use a LoRA preset")
+    from peftkit.loraplus import loraplus_optimizer
+
+    return loraplus_optimizer(ratio, recipe.impl)
 
 
 def sft_config(recipe: Recipe, out: Path, padding_free: bool = False):

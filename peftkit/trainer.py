@@ -104,14 +104,21 @@ class RunDirectory:
     """What peftkit adds to a transformers Trainer: its run directory; `save_adapter(model, dir)`
     saves the adapter, `load_adapter_weights(model, dir)` restores it on resume."""
 
-    def __init__(self, *args, run_dir: Path, save_adapter, load_adapter_weights, **kwargs) -> None:
+    def __init__(self, *args, run_dir: Path, save_adapter, load_adapter_weights, optimizer_factory=None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.optimizer_factory = optimizer_factory  # (model, args) -> optimizer, e.g. LoRA+'s groups
         self.run_dir = Path(run_dir)
         self.save_adapter_fn = save_adapter
         self.load_adapter_weights_fn = load_adapter_weights
         self.remove_callback(ProgressCallback)
         self.add_callback(ProgressBar())
         self._last_log = (time.perf_counter(), 0)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None and self.optimizer_factory is not None:
+            self.optimizer = self.optimizer_factory(self.model if model is None else model, self.args)
+        return super().create_optimizer(model)
 
     # --- divergence -------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
