@@ -42,9 +42,11 @@ def randomize_adapter(model: torch.nn.Module, seed: int = 0, std: float = 0.05) 
                 param.add_(noise)
 
 
-def train_losses(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2) -> list[float]:
-    """The loss of each of `steps` AdamW steps on four fixed random batches (for loss-curve parity)."""
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+def train_losses(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2,
+                 opt: torch.optim.Optimizer | None = None) -> list[float]:
+    """The loss of each of `steps` optimizer steps (AdamW at `lr` unless `opt` is given) on four
+    fixed random batches (for loss-curve parity)."""
+    opt = opt or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     batches = [token_batch(model.config.vocab_size, batch=2, length=24, seed=s) for s in range(4)]
     model.train()
     losses = []

@@ -7,7 +7,7 @@ from peft.optimizers import create_loraplus_optimizer
 import peftkit
 from peftkit.loraplus import loraplus_param_groups
 from peftkit.recipe import TrainConfig
-from tests.conftest import token_batch
+from tests.conftest import train_losses
 
 
 def load():
@@ -32,20 +32,6 @@ def named_lrs(model, optimizer):
     return lrs
 
 
-def steps(model, optimizer, n=20):
-    batches = [token_batch(model.config.vocab_size, batch=2, length=24, seed=s) for s in range(4)]
-    model.train()
-    losses = []
-    for step in range(n):
-        x = batches[step % len(batches)]
-        loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
-
-
 def test_groups_and_steps_equal_peft(tmp_path):
     model, peft_model = pair(tmp_path)
     ours = torch.optim.AdamW(loraplus_param_groups(model, 1e-3, 16.0, 0.01))
@@ -55,7 +41,7 @@ def test_groups_and_steps_equal_peft(tmp_path):
     assert lrs == named_lrs(peft_model, theirs)
     assert {lr for name, (lr, _) in lrs.items() if "lora_B" in name or "magnitude" in name} == {16e-3}
     assert {lr for name, (lr, _) in lrs.items() if "lora_A" in name} == {1e-3}
-    mine, reference = steps(model, ours), steps(peft_model, theirs)
+    mine, reference = train_losses(model, opt=ours), train_losses(peft_model, opt=theirs)
     assert mine[-1] < mine[0] - 0.05
     assert max(abs(a - b) for a, b in zip(mine, reference)) <= 1e-4
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peftkit.errors import AdapterError, ConfigError
+from peftkit.errors import ConfigError
 from peftkit.methods.layer import AdapterLayer, LayerMethod, adapter_factory, check_number, check_positive_int, check_targets, reject_unsupported
 
 INITS = ("default", "gaussian")
@@ -45,6 +45,7 @@ class HiRALinear(AdapterLayer):
     """A linear layer with HiRA's Hadamard update (see the module docstring)."""
 
     adapter_parameter_names = ("hira_A", "hira_B")
+    exact_unmerge = True  # dividing by (1 + B A) would not give W0 back exactly
 
     def __init__(self, base: nn.Module, r: int, dropout: float = 0.0, init: str = "default") -> None:
         super().__init__(base)
@@ -57,7 +58,6 @@ class HiRALinear(AdapterLayer):
         self.hira_A = nn.Parameter(adapter_factory(base, weight_a))
         self.hira_B = nn.Parameter(adapter_factory(base, torch.zeros(self.out_features, r)))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._unmerged_weight: torch.Tensor | None = None  # W0, kept while merged
 
     def delta_weight(self) -> torch.Tensor:
         """W0 * (B A), shape (out, in): the weight the update adds."""
@@ -72,24 +72,11 @@ class HiRALinear(AdapterLayer):
         update = self.base_weight() * torch.mm(self.hira_A.T, self.hira_B.T).T  # (out, in)
         return (result + F.linear(self.dropout(x), update)).to(result.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        """W <- W0 + W0 * (B A), keeping W0 for unmerge."""
-        if self.merged:
-            raise AdapterError("adapter is already merged: call unmerge_adapter first, or merge only once")
+    def _merge(self) -> None:
+        """W <- W0 + W0 * (B A), with B A in the weight's dtype first, as peft merges."""
         weight = self.base.weight
-        self._unmerged_weight = weight.data.clone()
         product = self.hira_B @ self.hira_A
         weight.data = weight.data + weight.data * (product.T if self.fan_in_fan_out else product).to(weight.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Put W0 back, bit for bit."""
-        if not self.merged:
-            raise AdapterError("adapter is not merged: nothing to unmerge")
-        self.base.weight.data, self._unmerged_weight = self._unmerged_weight, None
-        self.merged = False
 
     def extra_repr(self) -> str:
         return f"r={self.r}, merged={self.merged}"

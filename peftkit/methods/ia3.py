@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from peftkit.errors import AdapterError, ConfigError
+from peftkit.errors import ConfigError
 from peftkit.methods.layer import AdapterLayer, LayerMethod, adapter_factory, check_targets, reject_unsupported
 
 DEFAULT_TARGETS = ["k_proj", "v_proj", "down_proj"]  # peft's defaults for Llama
@@ -57,13 +57,13 @@ class IA3Linear(AdapterLayer):
     """A linear layer whose output (or, for a feed-forward layer, input) is rescaled by `ia3_l`."""
 
     adapter_parameter_names = ("ia3_l",)
+    exact_unmerge = True  # peft divides by l + 1e-8, which does not give W back exactly
 
     def __init__(self, base: nn.Module, feedforward: bool) -> None:
         super().__init__(base)
         self.feedforward = feedforward
         shape = (1, self.in_features) if feedforward else (self.out_features, 1)
         self.ia3_l = nn.Parameter(adapter_factory(base, torch.ones(shape)))
-        self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (weight, bias), kept while merged
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -74,28 +74,13 @@ class IA3Linear(AdapterLayer):
         result = self.base_forward(x)
         return (result * scale).to(result.dtype)
 
-    @torch.no_grad()
-    def merge(self) -> None:
+    def _merge(self) -> None:
         """W <- W * l (rows, or columns for a feed-forward layer); a scaled output's bias <- b * l."""
-        if self.merged:
-            raise AdapterError("adapter is already merged: call unmerge_adapter first, or merge only once")
         weight, bias = self.base.weight, self.base.bias
-        self._unmerged = (weight.data, None if bias is None else bias.data)
         scale = self.ia3_l.data.T if self.fan_in_fan_out else self.ia3_l.data
         weight.data = torch.mul(weight.data, scale).to(weight.dtype)
         if not self.feedforward and bias is not None:
             bias.data = torch.mul(bias.data, self.ia3_l.data.reshape(bias.shape)).to(bias.dtype)
-        self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Put the stored weight and bias back, bit for bit."""
-        if not self.merged:
-            raise AdapterError("adapter is not merged: nothing to unmerge")
-        self.base.weight.data, bias = self._unmerged
-        if bias is not None:
-            self.base.bias.data = bias
-        self._unmerged, self.merged = None, False
 
     def extra_repr(self) -> str:
         return f"feedforward={self.feedforward}, merged={self.merged}"

@@ -67,10 +67,13 @@ class AdapterLayer(nn.Module):
 
     Subclasses create their parameters, list them in `adapter_parameter_names` (peft's names
     relative to the layer), and define `forward`; additive methods define `delta_weight()`,
-    shape (out, in), which `merge` adds to the base weight.
+    shape (out, in), which `merge` adds to the base weight. A method whose merge is not an
+    addition overrides `_merge` and sets `exact_unmerge`: unmerge then puts the replaced weight
+    and bias back instead of subtracting.
     """
 
     adapter_parameter_names: tuple[str, ...] = ()
+    exact_unmerge: ClassVar[bool] = False  # keep the replaced base tensors while merged, to put them back
 
     def __init__(self, base: nn.Linear | Conv1D) -> None:
         super().__init__()
@@ -78,6 +81,7 @@ class AdapterLayer(nn.Module):
         self.fan_in_fan_out = isinstance(base, Conv1D)
         self.in_features, self.out_features = linear_dims(base)
         self.merged = False
+        self._unmerged: tuple[torch.Tensor, torch.Tensor | None] | None = None  # (weight, bias) a merge replaced
 
     @property
     def weight(self) -> torch.Tensor:
@@ -92,28 +96,38 @@ class AdapterLayer(nn.Module):
         """The frozen weight as (out, in) (a Conv1D's, transposed: a view)."""
         return self.base.weight.T if self.fan_in_fan_out else self.base.weight
 
-    def delta_weight(self) -> torch.Tensor:
-        raise AdapterError(f"{type(self).__name__} cannot be merged into the base weights: keep the adapter "
-                           f"unmerged (peftkit eval and generate run it as it is)")
-
     def _store(self, weight: torch.Tensor) -> None:
         """Write an (out, in) weight into the base layer in its own layout and dtype."""
         stored = self.base.weight
         stored.data = (weight.T.contiguous() if self.fan_in_fan_out else weight).to(stored.dtype)
 
+    def _merge(self) -> None:
+        """W <- W + delta, as peft adds its delta weight."""
+        self._store(self.base_weight() + self.delta_weight().to(self.base.weight.dtype))
+
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- W + delta (as peft adds its delta weight); an error if already merged."""
+        """Fold the update into the base layer; an error if already merged."""
         if self.merged:
             raise AdapterError("adapter is already merged: call unmerge_adapter first, or merge only once")
-        self._store(self.base_weight() + self.delta_weight().to(self.base.weight.dtype))
+        if self.exact_unmerge:  # merge assigns new tensors: the replaced ones stay intact
+            bias = self.base.bias
+            self._unmerged = (self.base.weight.data, None if bias is None else bias.data)
+        self._merge()
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        """W <- W - delta, or the stored weight and bias back bit for bit (`exact_unmerge`)."""
         if not self.merged:
             raise AdapterError("adapter is not merged: nothing to unmerge")
-        self._store(self.base_weight() - self.delta_weight().to(self.base.weight.dtype))
+        if self._unmerged is None:
+            self._store(self.base_weight() - self.delta_weight().to(self.base.weight.dtype))
+        else:
+            self.base.weight.data, bias = self._unmerged
+            if bias is not None:
+                self.base.bias.data = bias
+            self._unmerged = None
         self.merged = False
 
 

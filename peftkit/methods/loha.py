@@ -10,29 +10,21 @@ names are peft's (`hada_w1_a`, ... , no `.weight`).
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
-from peftkit.methods.lycoris import LYCORIS_UNSUPPORTED, LycorisLinear, LycorisMethod, check_lycoris
-from peftkit.methods.layer import adapter_factory, reject_unsupported
+from peftkit.methods.layer import adapter_factory
+from peftkit.methods.lycoris import LycorisConfig, LycorisLinear, LycorisMethod, lycoris_fields
 
 
 @dataclass
-class LoHaConfig:
-    """A LoHa adapter, as written in an `adapters/*.yaml` preset."""
+class LoHaConfig(LycorisConfig):
+    """A LoHa adapter, as written in an `adapters/*.yaml` preset (r: the rank of each of the two factors)."""
 
     method: ClassVar[str] = "loha"
-    r: int = 8  # rank of each of the two factors
-    alpha: float = 8.0  # scale = alpha / r
-    rank_dropout: float = 0.0  # while training, zero each output row of the delta with this probability
-    module_dropout: float = 0.0  # while training, skip the whole update with this probability
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # names, a regex, or all-linear
-
-    def __post_init__(self) -> None:
-        check_lycoris(self)
 
 
 class _HadamardProduct(torch.autograd.Function):
@@ -70,7 +62,7 @@ class LoHaLinear(LycorisLinear):
                 nn.init.kaiming_uniform_(values, a=math.sqrt(5))
             setattr(self, name, nn.Parameter(adapter_factory(base, values)))
 
-    def update(self) -> torch.Tensor:
+    def delta_weight(self) -> torch.Tensor:
         scale = torch.tensor(self.scale, device=self.hada_w1_a.device)
         return _HadamardProduct.apply(self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, scale)
 
@@ -90,6 +82,4 @@ class LoHaMethod(LycorisMethod):
         return super().peft_fields(cfg, model) | {"use_effective_conv2d": False}
 
     def from_peft_config(self, peft: dict) -> LoHaConfig:
-        reject_unsupported(peft, LYCORIS_UNSUPPORTED)
-        return LoHaConfig(r=peft.get("r", 8), alpha=peft.get("alpha", 8), rank_dropout=peft.get("rank_dropout", 0.0),
-                          module_dropout=peft.get("module_dropout", 0.0), target_modules=peft["target_modules"])
+        return LoHaConfig(**lycoris_fields(peft))

@@ -11,36 +11,31 @@ W2 is a rank-r product W2a W2b when r < max(b, d) / 2, else a full matrix; W1 li
 """
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 from torch import nn
 
 from peftkit.errors import ConfigError
-from peftkit.methods.layer import adapter_factory, check_flags, reject_unsupported
-from peftkit.methods.lycoris import LYCORIS_UNSUPPORTED, LycorisLinear, LycorisMethod, check_lycoris
+from peftkit.methods.layer import adapter_factory, check_flags
+from peftkit.methods.lycoris import LycorisConfig, LycorisLinear, LycorisMethod, lycoris_fields
 
 INITS = ("default", "lycoris")
 
 
 @dataclass
-class LoKrConfig:
-    """A LoKr adapter, as written in an `adapters/*.yaml` preset."""
+class LoKrConfig(LycorisConfig):
+    """A LoKr adapter, as written in an `adapters/*.yaml` preset (r: the rank of a factor that is decomposed)."""
 
     method: ClassVar[str] = "lokr"
-    r: int = 8  # rank of a factor that is decomposed
-    alpha: float = 8.0  # scale = alpha / r
-    rank_dropout: float = 0.0  # while training, zero each output row of the delta with this probability
-    module_dropout: float = 0.0  # while training, skip the whole update with this probability
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # names, a regex, or all-linear
     decompose_both: bool = False  # also write W1 as a rank-r product (when r < max(a, c) / 2)
     decompose_factor: int = -1  # split dimensions with this factor; -1: the factors closest to the square root
     rank_dropout_scale: bool = False  # rescale the rows rank dropout keeps by 1 / their mean
     init: str = "default"  # default: W1 zeros; lycoris: W2 zeros
 
     def __post_init__(self) -> None:
-        check_lycoris(self)
+        super().__post_init__()
         check_flags(self, "decompose_both", "rank_dropout_scale")
         if isinstance(self.decompose_factor, bool) or not isinstance(self.decompose_factor, int) or (
                 self.decompose_factor < 1 and self.decompose_factor != -1):
@@ -99,7 +94,7 @@ class LoKrLinear(LycorisLinear):
         full = getattr(self, f"lokr_{which}", None)
         return full if full is not None else getattr(self, f"lokr_{which}_a") @ getattr(self, f"lokr_{which}_b")
 
-    def update(self) -> torch.Tensor:
+    def delta_weight(self) -> torch.Tensor:
         return torch.kron(self._factor("w1"), self._factor("w2").contiguous()) * self.scale  # (a*b, c*d) = (out, in)
 
 
@@ -121,10 +116,7 @@ class LoKrMethod(LycorisMethod):
             "rank_dropout_scale": cfg.rank_dropout_scale, "init_weights": "lycoris" if cfg.init == "lycoris" else True}
 
     def from_peft_config(self, peft: dict) -> LoKrConfig:
-        reject_unsupported(peft, LYCORIS_UNSUPPORTED)
-        return LoKrConfig(r=peft.get("r", 8), alpha=peft.get("alpha", 8), rank_dropout=peft.get("rank_dropout", 0.0),
-                          module_dropout=peft.get("module_dropout", 0.0), target_modules=peft["target_modules"],
-                          decompose_both=bool(peft.get("decompose_both", False)),
+        return LoKrConfig(**lycoris_fields(peft), decompose_both=bool(peft.get("decompose_both", False)),
                           decompose_factor=peft.get("decompose_factor", -1),
                           rank_dropout_scale=bool(peft.get("rank_dropout_scale", False)),
                           init="lycoris" if peft.get("init_weights") == "lycoris" else "default")

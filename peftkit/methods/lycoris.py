@@ -8,6 +8,7 @@ Both draw from torch's global generator in peft's order (the module draw first, 
 training forward), so a seed gives the same masks as peft.
 """
 
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -15,24 +16,41 @@ import torch.nn.functional as F
 from torch import nn
 
 from peftkit.errors import ConfigError
-from peftkit.methods.layer import AdapterLayer, LayerMethod, check_number, check_positive_int, check_targets
+from peftkit.methods.layer import (AdapterLayer, LayerMethod, check_number, check_positive_int, check_targets,
+                                   reject_unsupported)
 
 LYCORIS_UNSUPPORTED = {"rank_pattern": ({}, None), "alpha_pattern": ({}, None), "layers_to_transform": (None, []),
                        "exclude_modules": (None, []), "use_effective_conv2d": (False, True)}
 
 
-def check_lycoris(cfg: object) -> None:
+@dataclass
+class LycorisConfig:
     """The fields LoHa and LoKr configs share."""
-    check_positive_int("r", cfg.r, ": set r to 8 or 16")
-    if isinstance(cfg.alpha, bool) or not isinstance(cfg.alpha, (int, float)) or cfg.alpha <= 0:
-        raise ConfigError(f"alpha must be a positive number, got {cfg.alpha!r}: alpha = r gives scale 1")
-    check_number("rank_dropout", cfg.rank_dropout, 0.0, 1.0)
-    check_number("module_dropout", cfg.module_dropout, 0.0, 1.0)
-    cfg.target_modules = check_targets(cfg.target_modules)
+
+    r: int = 8  # rank of a factor
+    alpha: float = 8.0  # scale = alpha / r
+    rank_dropout: float = 0.0  # while training, zero each output row of the delta with this probability
+    module_dropout: float = 0.0  # while training, skip the whole update with this probability
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # names, a regex, or all-linear
+
+    def __post_init__(self) -> None:
+        check_positive_int("r", self.r, ": set r to 8 or 16")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
+            raise ConfigError(f"alpha must be a positive number, got {self.alpha!r}: alpha = r gives scale 1")
+        check_number("rank_dropout", self.rank_dropout, 0.0, 1.0)
+        check_number("module_dropout", self.module_dropout, 0.0, 1.0)
+        self.target_modules = check_targets(self.target_modules)
+
+
+def lycoris_fields(peft: dict) -> dict:
+    """The shared fields of a LoHa / LoKr adapter_config.json; an error for what peftkit cannot reproduce."""
+    reject_unsupported(peft, LYCORIS_UNSUPPORTED)
+    return {"r": peft.get("r", 8), "alpha": peft.get("alpha", 8), "rank_dropout": peft.get("rank_dropout", 0.0),
+            "module_dropout": peft.get("module_dropout", 0.0), "target_modules": peft["target_modules"]}
 
 
 class LycorisLinear(AdapterLayer):
-    """A linear layer plus `delta_weight()` (out, in), with module and rank dropout in training."""
+    """A linear layer whose subclass defines `delta_weight()` (out, in), with module and rank dropout in training."""
 
     rescale_rank_dropout: bool = True
 
@@ -41,18 +59,11 @@ class LycorisLinear(AdapterLayer):
         self.r, self.scale = r, alpha / r
         self.rank_dropout, self.module_dropout = rank_dropout, module_dropout
 
-    def update(self) -> torch.Tensor:
-        """scale * the method's product, shape (out, in)."""
-        raise NotImplementedError(f"{type(self).__name__} must define its update")
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.update()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_forward(x)
         if self.merged or (self.training and not torch.rand(1) > self.module_dropout):
             return result.to(x.dtype)
-        delta = self.update()
+        delta = self.delta_weight()
         if self.training and self.rank_dropout:
             keep = (torch.rand(delta.size(0)) > self.rank_dropout).to(delta.dtype)
             if self.rescale_rank_dropout:
