@@ -3,6 +3,7 @@
 from peftkit.api import adapter_config, apply_adapter, merge_adapter, trainable_parameters, unmerge_adapter
 from peftkit.checkpoint import load_adapter, save_adapter
 from peftkit.errors import AdapterError, ConfigError, ModelError, PeftkitError
+from peftkit.methods.adalora import AdaLoRAConfig
 from peftkit.methods.hira import HiRAConfig
 from peftkit.methods.ia3 import IA3Config
 from peftkit.methods.lora import LoRAConfig, LoRALinear
@@ -14,7 +15,7 @@ from peftkit.nf4 import Linear4bit, dequantize_nf4, quantize_nf4
 from peftkit.protocol import adapter_state_dict, load_adapter_state_dict
 
 __all__ = [
-    "AdapterError", "ConfigError", "HiRAConfig", "IA3Config", "Linear4bit", "LoRAConfig", "LoRALinear", "ModelError", "PeftkitError",
+    "AdaLoRAConfig", "AdapterError", "ConfigError", "HiRAConfig", "IA3Config", "Linear4bit", "LoRAConfig", "LoRALinear", "ModelError", "PeftkitError",
     "PrefixConfig", "PromptConfig", "VeRAConfig", "adapter_config", "adapter_state_dict", "apply_adapter", "dequantize_nf4",
     "list_models", "load_adapter", "load_adapter_state_dict", "load_model", "merge_adapter", "quantize_nf4",
     "save_adapter", "trainable_parameters", "unmerge_adapter",

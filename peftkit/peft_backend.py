@@ -109,3 +109,66 @@ def load_peft_weights(model: nn.Module, directory: Path) -> None:
 
     set_peft_model_state_dict(model, load_file(Path(directory) / "adapter_model.safetensors"))
 
+
+
+class PeftAllocator:
+    """peft's AdaLoRA rank allocator behind peftkit's allocator interface (`peftkit.trainer.AllocatorCallback`)."""
+
+    def __init__(self, model: nn.Module, cfg: Any) -> None:
+        self.model, self.cfg = model, cfg
+        self.config = model.peft_config["default"]
+
+    def begin(self, steps: int) -> None:
+        if self.cfg.total_step is None:  # peft needs total_step up front: a placeholder until the run's length is known
+            self.cfg.check_schedule(steps)
+            self.config.total_step = steps
+
+    def update_and_allocate(self, step: int) -> None:
+        self.model.base_model.update_and_allocate(step)
+
+    def finish(self) -> None:
+        """peft keeps the regrown E in memory (its saved adapter drops them)."""
+
+    def state(self) -> tuple[dict, dict]:
+        ranks = self.model.base_model.rankallocator
+        tensors = {}
+        for label, scores in (("ipt", ranks.ipt), ("avg_ipt", ranks.exp_avg_ipt), ("avg_unc", ranks.exp_avg_unc)):
+            tensors.update({f"{label}.{k}": v for k, v in scores.items()})
+        return tensors, {"rank_pattern": self.config.rank_pattern}
+
+    def load_state(self, tensors: dict, meta: dict) -> None:
+        ranks = self.model.base_model.rankallocator
+        ranks.reset_ipt()
+        for label, scores in (("ipt", ranks.ipt), ("avg_ipt", ranks.exp_avg_ipt), ("avg_unc", ranks.exp_avg_unc)):
+            scores.update({k[len(label) + 1:]: v.clone() for k, v in tensors.items() if k.startswith(label + ".")})
+        self.config.rank_pattern = meta["rank_pattern"]
+
+
+def peft_regularization(model: nn.Module):
+    """peft's AdaLoRA orthogonality penalty as a loss term, for trl's SFTTrainer.
+
+    peft adds the penalty to `outputs.loss` inside `AdaLoraModel.forward`, but trl 1.16 computes
+    its loss from the model's log-probabilities and never reads `outputs.loss`: under trl the
+    penalty is silently dropped. This computes it as peft does (`AdaLoraModel.forward`), so that
+    impl: peft trains what peft's AdaLoRA means. Other methods: None.
+    """
+    config = model.peft_config["default"]
+    if type(config).__name__ != "AdaLoraConfig" or config.orth_reg_weight == 0:
+        return None
+    import torch
+
+    def penalty(model: nn.Module):
+        total, count = 0, 0
+        for name, p in model.named_parameters():
+            if ("lora_A" in name or "lora_B" in name) and "default" in name:
+                cov = p @ p.T if "lora_A" in name else p.T @ p
+                total = total + torch.norm(cov - torch.eye(*cov.size(), out=torch.empty_like(cov)), p="fro")
+                count += 1
+        return config.orth_reg_weight * (total / count) if count else None
+
+    return penalty
+
+
+def peft_allocator(model: nn.Module, cfg: Any) -> PeftAllocator | None:
+    """peft's rank allocator for an AdaLoRA run (which peft leaves to the training loop), else None."""
+    return PeftAllocator(model, cfg) if cfg.method == "adalora" else None

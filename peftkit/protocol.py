@@ -8,7 +8,12 @@ its own keys (`peft_parameters`) and compute its own saved tensors (`peft_state_
 prompt tuning save the bare key `prompt_embeddings`, with prefix-tuning's MLP folded in; beside
 them a classification head is saved under `base_model.classifier.weight`, without LoRA's `.model`,
 since peft wraps no tuner model around the base for prompt learning. Frozen tensors an adapter
-saves beside its parameters (VeRA's shared random matrices) come from `peft_buffers`.
+saves beside its parameters (VeRA's shared random matrices) come from `peft_buffers`; a layer
+that saves less than it trains (AdaLoRA's pruned ranks) says what in `saved_tensors`.
+
+Optional, for methods that shape training itself: `regularization(model)`, a term added to
+the loss (AdaLoRA's orthogonality penalty), and `allocator(model)`, an object whose
+`update_and_allocate(step)` runs after each optimizer step (AdaLoRA's rank budget).
 
 The methods themselves, one module each, are registered in `peftkit.methods`.
 """
@@ -102,6 +107,8 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for name, module in adapter_modules(model).items():
         if hasattr(module, "peft_state_dict"):
             state.update(module.peft_state_dict())
+        elif hasattr(module, "saved_tensors"):  # AdaLoRA: the surviving ranks only
+            state.update({f"{prefix}{name}.{key}": t.detach().contiguous() for key, t in module.saved_tensors().items()})
         else:
             state.update({key: p.detach().contiguous() for key, p in module_parameters(name, module, prefix).items()})
     state.update({key: b.detach().contiguous() for key, b in adapter_buffers(model).items()})

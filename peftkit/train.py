@@ -69,12 +69,18 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     task = task_of_model(model)
     train_set, stats = build_datasets(recipe, tokenizer, sources, task)
     if recipe.impl == "peft":
-        from peftkit.peft_backend import apply_peft, load_peft_weights, save_peft
+        from peftkit.peft_backend import (apply_peft, load_peft_weights, peft_allocator, peft_regularization,
+                                           save_peft)
 
         model = apply_peft(model, adapter_cfg)
         save_fn, load_fn = save_peft, load_peft_weights
+        allocator = peft_allocator(model, adapter_cfg)
+        regularization = peft_regularization(model) if task == "causal-lm" else None  # trl drops it
     else:
         apply_adapter(model, adapter_cfg)
+        method = METHODS[adapter_cfg.method]
+        regularization = getattr(method, "regularization", None)
+        allocator = method.allocator(model) if hasattr(method, "allocator") else None
         save_fn = lambda m, d: save_adapter(m, d, overwrite=True)  # noqa: E731
         load_fn = lambda m, d: load_adapter_state_dict(m, read_adapter_weights(d), str(Path(d) / WEIGHTS_NAME))  # noqa: E731
     trainable = trainable_parameters(model)
@@ -86,7 +92,8 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     # Virtual-token methods need the padded layout: their cache would bridge packed examples.
     padding_free = METHODS[adapter_cfg.method].padding_free
     run_dir = {"run_dir": out, "save_adapter": save_fn, "load_adapter_weights": load_fn,
-               "optimizer_factory": _optimizer_factory(recipe, adapter_cfg)}
+               "optimizer_factory": _optimizer_factory(recipe, adapter_cfg), "regularization": regularization,
+               "allocator": allocator}
     if task == "causal-lm":
         trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free), train_dataset=train_set,
                                  processing_class=tokenizer, labels_only=recipe.impl == "peftkit", **run_dir)

@@ -100,14 +100,54 @@ class ProgressBar(TrainerCallback):
             self.bar.close()
 
 
+@torch.no_grad()
+def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Every trainable tensor back from a checkpoint, by name, as it was in memory (a saved adapter
+    may differ: AdaLoRA keeps the surviving ranks only, PiSSA is converted to plain LoRA)."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != tensors.keys() or any(params[n].shape != t.shape for n, t in tensors.items()):
+        raise PeftkitError(f"{directory}/trainable.safetensors does not fit this run's adapter: resume with the "
+                           f"recipe that wrote it")
+    for name, tensor in tensors.items():
+        params[name].copy_(tensor)
+
+
+class AllocatorCallback(TrainerCallback):
+    """Runs a method's allocator (AdaLoRA's rank budget) after every optimizer step, before the
+    gradients are cleared; the step is 0-based, as in peft's examples."""
+
+    def __init__(self, allocator) -> None:
+        self.allocator = allocator
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.allocator.begin(state.max_steps)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.allocator.update_and_allocate(state.global_step)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.allocator.finish()
+
+
 class RunDirectory:
     """What peftkit adds to a transformers Trainer: its run directory; `save_adapter(model, dir)`
-    saves the adapter, `load_adapter_weights(model, dir)` restores it on resume."""
+    saves the adapter, `load_adapter_weights(model, dir)` restores it on resume.
+
+    Every checkpoint holds the trainable tensors as they are in memory (`trainable.safetensors`),
+    which resume reads, beside the adapter as saved (`adapter/`). A method may add a loss term
+    (`regularization(model)`, AdaLoRA's orthogonality penalty) and an `allocator` run after each
+    optimizer step; the allocator's state goes into every checkpoint (`allocator.safetensors` +
+    `.json`) and comes back on resume.
+    """
 
     def __init__(self, *args, run_dir: Path, save_adapter, load_adapter_weights, optimizer_factory=None,
-                 **kwargs) -> None:
+                 regularization=None, allocator=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.optimizer_factory = optimizer_factory  # (model, args) -> optimizer, e.g. LoRA+'s groups
+        self.regularization = regularization  # model -> a loss term or None
+        self.allocator = allocator
+        if allocator is not None:
+            self.add_callback(AllocatorCallback(allocator))
         self.run_dir = Path(run_dir)
         self.save_adapter_fn = save_adapter
         self.load_adapter_weights_fn = load_adapter_weights
@@ -119,6 +159,20 @@ class RunDirectory:
         if self.optimizer is None and self.optimizer_factory is not None:
             self.optimizer = self.optimizer_factory(self.model if model is None else model, self.args)
         return super().create_optimizer(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if return_outputs:
+            loss, outputs = result
+            return self.regularized(model, loss), outputs
+        return self.regularized(model, result)
+
+    def regularized(self, model, loss: torch.Tensor) -> torch.Tensor:
+        """The loss plus the method's own term, if it has one."""
+        term = None
+        if self.regularization is not None and model.training:
+            term = self.regularization(self.accelerator.unwrap_model(model))
+        return loss if term is None else loss + term
 
     # --- divergence -------------------------------------------------------------------------
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -159,6 +213,13 @@ class RunDirectory:
         if self.args.should_save:
             self.save_adapter_fn(self.accelerator.unwrap_model(model), tmp / "adapter")
             self._save_optimizer(tmp)
+            trainable = {n: p.detach().contiguous().cpu() for n, p in self.accelerator.unwrap_model(model).named_parameters()
+                         if p.requires_grad}
+            save_file(trainable, tmp / "trainable.safetensors")
+            if self.allocator is not None:
+                tensors, meta = self.allocator.state()
+                save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / "allocator.safetensors")
+                (tmp / "allocator.json").write_text(json.dumps(meta))
             self.state.save_to_json(str(tmp / "trainer_state.json"))
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
@@ -196,7 +257,14 @@ class RunDirectory:
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None) -> None:
         model = model if model is not None else self.model
-        self.load_adapter_weights_fn(model, Path(resume_from_checkpoint) / "adapter")
+        directory = Path(resume_from_checkpoint)
+        if (directory / "trainable.safetensors").is_file():
+            load_trainable(model, load_file(directory / "trainable.safetensors", device=str(self.args.device)), directory)
+        else:  # a checkpoint of an older peftkit
+            self.load_adapter_weights_fn(model, directory / "adapter")
+        if self.allocator is not None:
+            self.allocator.load_state(load_file(directory / "allocator.safetensors", device=str(self.args.device)),
+                                      json.loads((directory / "allocator.json").read_text()))
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         if checkpoint is None:
@@ -253,7 +321,7 @@ class PeftkitTrainer(RunDirectory, SFTTrainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         mode = "train" if self.model.training else "eval"
         out = labelled_loss(model, inputs, num_items_in_batch)
-        loss = out.loss
+        loss = self.regularized(model, out.loss)
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             loss = loss * (self.accelerator.num_processes // self.get_tp_size())  # as trl: DDP averages gradients
         gather = self.accelerator.gather_for_metrics

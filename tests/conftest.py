@@ -42,10 +42,11 @@ def randomize_adapter(model: torch.nn.Module, seed: int = 0, std: float = 0.05) 
                 param.add_(noise)
 
 
-def train_losses(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2,
-                 opt: torch.optim.Optimizer | None = None) -> list[float]:
+def train_losses(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2, opt: torch.optim.Optimizer | None = None,
+                 loss_term=None, after_step=None) -> list[float]:
     """The loss of each of `steps` optimizer steps (AdamW at `lr` unless `opt` is given) on four
-    fixed random batches (for loss-curve parity)."""
+    fixed random batches (for loss-curve parity); `loss_term(model)` is added to the loss, and
+    `after_step(step)` runs after each optimizer step, before the gradients are cleared."""
     opt = opt or torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     batches = [token_batch(model.config.vocab_size, batch=2, length=24, seed=s) for s in range(4)]
     model.train()
@@ -53,8 +54,12 @@ def train_losses(model: torch.nn.Module, steps: int = 20, lr: float = 1e-2,
     for step in range(steps):
         x = batches[step % len(batches)]
         loss = model(input_ids=x, labels=x).loss
+        if loss_term is not None:
+            loss = loss + loss_term(model)
         loss.backward()
         opt.step()
+        if after_step is not None:
+            after_step(step)
         opt.zero_grad()
         losses.append(loss.item())
     return losses

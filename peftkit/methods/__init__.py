@@ -12,6 +12,7 @@ trainable counts, 20 AdamW steps, merge and unmerge), and `impl: peft` in
 `peftkit.peft_backend.peft_config`.
 """
 
+from peftkit.methods.adalora import AdaLoRAMethod
 from peftkit.methods.hira import HiRAMethod
 from peftkit.methods.ia3 import IA3Method
 from peftkit.methods.loha import LoHaMethod
@@ -30,6 +31,7 @@ METHODS = {method.name: method for method in (
     VeRAMethod(),
     LoHaMethod(),
     LoKrMethod(),
+    AdaLoRAMethod(),
 )}
 
 
