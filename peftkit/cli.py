@@ -131,7 +131,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_compare(args: argparse.Namespace) -> None:
     from peftkit.compare import compare
 
-    out = compare(args.runs, args.out, overwrite=args.overwrite)
+    out = compare(args.runs, args.out, overwrite=args.overwrite, base_eval=args.base_eval)
     print(f"report: {out / 'report.md'}\n        {out / 'report.html'}")
 
 
@@ -213,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by peftkit train")
     comp.add_argument("--out", required=True, help="directory for report.md and report.html")
     comp.add_argument("--overwrite", action="store_true", help="replace an existing report directory")
+    comp.add_argument("--base-eval", metavar="FILE", help="the base model's eval.json on the same tasks (peftkit eval "
+                      "MODEL --out FILE): adds forgetting and the base model's sample outputs")
     demo = sub.choices["demo"]
     demo.add_argument("--model", default="smollm2-135m", help="registry name, local directory or hub id")
     demo.add_argument("--adapter", default="lora", help="adapter preset name or YAML path")

@@ -1,25 +1,37 @@
 """`peftkit compare`: one report over run directories, as Markdown and a self-contained HTML page.
 
-Per run: base model, method and implementation, task metrics, trainable parameters (and % of the base),
-peak memory, training tokens/s, wall time, adapter size on disk, and the loss curve. Runs that
-differ only in `impl` (peftkit vs peft) are paired, with the difference. The HTML page has
-inline styles and inline SVG plots: it works offline, with no script and nothing to fetch.
+Runs of one method that differ only in their seed (`<name>-seed<k>`, from a recipe's `seeds`)
+form one row: per task metric its mean over seeds, the spread (standard deviation) and a 95 %
+bootstrap interval over examples and seeds (`peftkit.stats`); `*` marks a difference to LoRA
+whose interval excludes zero. Beside them: trainable parameters (and % of the base), peak
+memory, training tokens/s and time, adapter size, forgetting (the rise of the held-out loss on
+a source outside the training mix over the base model's, when the base was evaluated), and
+the loss curves. Runs that differ only in `impl` (peftkit vs peft) are paired. Sample outputs
+show the base model's answer beside each method's for a few held-out prompts.
+
+The HTML page has inline styles and matplotlib's SVG plots inlined: it works offline, with no
+script and nothing to fetch.
 """
 
 import html
 import json
 import math
+import re
 import shutil
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import yaml
 
+from peftkit import plots, stats
 from peftkit.errors import ConfigError
 from peftkit.methods import method_label
 
-COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
+SEED_SUFFIX = re.compile(r"-seed\d+$")
+MAIN_METRICS = ("sst2/accuracy", "e2e/bleu", "gsm8k/exact_match", "e2e/rougeL")  # the tradeoff plot's, first found
+FORGETTING_TASK = "alpaca-heldout"
 
 
 @dataclass
@@ -37,6 +49,14 @@ class RunSummary:
     adapter_bytes: int = 0
     losses: list[tuple[int, float]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # eval task -> why it was not scored
+    scores: dict[str, dict[str, list]] = field(default_factory=dict)  # eval task -> per-example statistics
+    examples: dict[str, list[dict]] = field(default_factory=dict)  # eval task -> a few predictions
+    train_time_s: float = float("nan")
+
+    @property
+    def group(self) -> str:
+        """The method's name without a seed suffix: runs of one group differ only in their seed."""
+        return SEED_SUFFIX.sub("", self.name)
 
     @property
     def trainable_pct(self) -> float:
@@ -74,10 +94,14 @@ def summarize(run: Path) -> RunSummary:
                           f"pass directories written by peftkit train")
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     system = _json(run / "system.json")
-    metrics, skipped = {}, {}
+    metrics, skipped, scores, examples = {}, {}, {}, {}
     for task, result in (_json(run / "eval.json").get("tasks") or {}).items():
         if result.get("skipped"):
             skipped[task] = result["skipped"]
+        if result.get("scores"):
+            scores[task] = result["scores"]
+        if result.get("examples"):
+            examples[task] = result["examples"]
         for key, value in (result.get("metrics") or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 metrics[f"{task}/{key}"] = float(value)
@@ -94,7 +118,8 @@ def summarize(run: Path) -> RunSummary:
         peak_memory_mb=system.get("peak_memory_mb", float("nan")), tokens_per_s=system.get("tokens_per_s", float("nan")),
         wall_time_s=system.get("wall_time_s", float("nan")),
         adapter_bytes=sum(p.stat().st_size for p in (run / "adapter").iterdir() if p.suffix == ".safetensors"),
-        losses=losses, skipped=skipped)
+        losses=losses, skipped=skipped, scores=scores, examples=examples,
+        train_time_s=system.get("train_time_s", float("nan")))
 
 
 def setup_line(runs: list[RunSummary]) -> str:
@@ -106,14 +131,16 @@ def setup_line(runs: list[RunSummary]) -> str:
         limit = f", at most {data['limit']} examples each" if data.get("limit") else ""
         steps = f"{train['max_steps']} steps" if train.get("max_steps", -1) > 0 else f"{train.get('epochs', 1)} epochs"
         return (f"data {sources}{limit}, max_length {data.get('max_length')}; "
-                f"{steps} x batch {train.get('batch_size', 8) * train.get('grad_accum', 1)}; seed {train.get('seed')}")
+                f"{steps} x batch {train.get('batch_size', 8) * train.get('grad_accum', 1)}")
     setups = {setup(r) for r in runs}
+    seeds = sorted({(r.recipe.get("train") or {}).get("seed") for r in runs}, key=str)
+    seed_text = f"; seed {seeds[0]}" if len(seeds) == 1 else f"; seeds {', '.join(map(str, seeds))}"
     models = list(dict.fromkeys(str(r.recipe.get("model")) for r in runs))
     if len(setups) > 1:
         return "The runs differ in data or budget."
     if len(models) > 1:
-        return f"Models {', '.join(models)}; shared setup: {setups.pop()}."
-    return f"Shared setup: model {models[0]}; {setups.pop()}."
+        return f"Models {', '.join(models)}; shared setup: {setups.pop()}{seed_text}."
+    return f"Shared setup: model {models[0]}; {setups.pop()}{seed_text}."
 
 
 def pairs(runs: list[RunSummary]) -> list[tuple[RunSummary, RunSummary]]:
@@ -130,21 +157,185 @@ def _fmt(value: float, digits: int = 4) -> str:
     return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.{digits}g}"
 
 
+def fmt_metric(metric: str, value: float) -> str:
+    """A metric for reading: scores (percentages) to one decimal, losses to three."""
+    if value is None or not math.isfinite(value):
+        return "-"
+    name = metric.rsplit("/", 1)[-1]
+    if name == "loss":
+        return f"{value:.3f}"
+    if name == "perplexity":
+        return f"{value:.2f}"
+    return f"{value:.1f}"
+
+
+# --- one row per method: seeds grouped, intervals, significance -------------------------------
+@dataclass
+class Group:
+    """The runs of one method (one per seed)."""
+
+    name: str
+    runs: list[RunSummary]
+    index: int  # colour
+
+    @property
+    def first(self) -> RunSummary:
+        return self.runs[0]
+
+    def mean(self, attribute: str) -> float:
+        values = [getattr(r, attribute) for r in self.runs]
+        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        return float(np.mean(values)) if values else float("nan")
+
+    def scores(self, task: str) -> list[dict[str, list]] | None:
+        found = [r.scores.get(task) for r in self.runs]
+        return found if all(found) else None
+
+    def trained_on(self, task: str) -> bool:
+        sources = (self.first.recipe.get("data") or {}).get("train") or []
+        sources = [sources] if isinstance(sources, str) else sources
+        return any(task.split("-")[0] in str(source) for source in sources)
+
+
+def groups_of(runs: list[RunSummary]) -> list[Group]:
+    found: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        found.setdefault(run.group, []).append(run)
+    return [Group(name, members, i) for i, (name, members) in enumerate(found.items())]
+
+
+def reference_group(groups: list[Group]) -> Group | None:
+    """LoRA through peftkit: the group named `lora`, else the first LoRA group."""
+    by_name = {g.name: g for g in groups}
+    if "lora" in by_name:
+        return by_name["lora"]
+    return next((g for g in groups if g.first.method == "lora" and g.first.impl == "peftkit"), None)
+
+
+def interval(group: Group, metric: str) -> stats.Interval | None:
+    """The metric's mean over seeds with its 95 % interval (over examples and seeds), or the plain
+    mean and spread where the runs stored no per-example statistics."""
+    task, name = metric.split("/", 1)
+    scores = group.scores(task)
+    if scores and all(stats.supports(name, s) for s in scores):
+        return stats.interval(name, scores)
+    values = [r.metrics[metric] for r in group.runs if metric in r.metrics]
+    if not values:
+        return None
+    return stats.Interval(float(np.mean(values)), float("nan"), float("nan"), len(values),
+                          float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+
+
+def significance(group: Group, reference: Group | None, metric: str) -> stats.Interval | None:
+    """The difference to the reference with its paired 95 % interval, where both stored statistics."""
+    if reference is None or group is reference:
+        return None
+    task, name = metric.split("/", 1)
+    ours, theirs = group.scores(task), reference.scores(task)
+    if not (ours and theirs and all(stats.supports(name, s) for s in ours + theirs)):
+        return None
+    try:
+        return stats.difference(name, ours, theirs)
+    except ValueError:  # different example sets
+        return None
+
+
+def forgetting(group: Group, base: dict | None) -> stats.Interval | str | None:
+    """The rise of the held-out loss on a source outside the training mix over the base model's
+    (peft's benchmark's forgetting), paired over the same examples."""
+    base_scores = ((base or {}).get("tasks") or {}).get(FORGETTING_TASK, {}).get("scores")
+    ours = group.scores(FORGETTING_TASK)
+    if not base_scores or not ours:
+        return None
+    if group.trained_on(FORGETTING_TASK):
+        return "in training mix"
+    try:
+        return stats.difference("loss", ours, [base_scores])
+    except ValueError:
+        return None
+
+
+def _cell(metric: str, found: stats.Interval | None, diff: stats.Interval | None) -> str:
+    if found is None:
+        return "-"
+    text = fmt_metric(metric, found.value)
+    if found.seeds > 1:
+        text += f" ±{fmt_metric(metric, found.spread)}"
+    if math.isfinite(found.low):
+        text += f" [{fmt_metric(metric, found.low)}, {fmt_metric(metric, found.high)}]"
+    if diff is not None and not diff.contains(0.0):
+        text += " *"
+    return text
+
+
+def _forgetting_cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value.value:+.3f} [{value.low:+.3f}, {value.high:+.3f}]"
+
+
+GROUP_COLUMNS = ["method", "impl", "seeds", "trainable", "% of base", "peak MiB", "train tok/s", "train s",
+                 "adapter MiB"]
+
+
+def metric_names(runs: list[RunSummary]) -> list[str]:
+    return sorted({m for r in runs for m in r.metrics})
+
+
+def group_rows(groups: list[Group], base: dict | None) -> tuple[list[str], list[list[str]]]:
+    runs = [r for g in groups for r in g.runs]
+    metrics, reference = metric_names(runs), reference_group(groups)
+    show_forgetting = any(forgetting(g, base) is not None for g in groups)
+    header = GROUP_COLUMNS + metrics + (["forgetting (Δ alpaca-heldout loss)"] if show_forgetting else []) + [
+        "final loss"]
+    rows = []
+    for g in groups:
+        final = [r.losses[-1][1] for r in g.runs if r.losses]
+        row = [g.name, g.first.impl, str(len(g.runs)), f"{g.first.trainable:,}", f"{g.first.trainable_pct:.2f}",
+               _fmt(g.mean("peak_memory_mb")), _fmt(g.mean("tokens_per_s")), _fmt(g.mean("train_time_s")),
+               f"{g.first.adapter_bytes / 2**20:.2f}"]
+        row += [_cell(m, interval(g, m), significance(g, reference, m)) for m in metrics]
+        if show_forgetting:
+            row.append(_forgetting_cell(forgetting(g, base)))
+        row.append(f"{np.mean(final):.3f}" if final else "-")
+        rows.append(row)
+    return header, rows
+
+
+def significance_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+    """Each method's difference to LoRA per metric, with its interval and whether it excludes 0."""
+    reference = reference_group(groups)
+    header = ["method", "metric", f"difference to {reference.name if reference else 'lora'}", "95 % interval",
+              "significant"]
+    rows = []
+    for g in groups:
+        for m in metric_names([r for g2 in groups for r in g2.runs]):
+            diff = None if m.endswith("/perplexity") else significance(g, reference, m)  # perplexity: the loss's
+            if diff is not None:
+                signed = (lambda v: f"{v:+.3f}") if m.endswith("loss") else (lambda v: f"{v:+.1f}")  # noqa: E731
+                rows.append([g.name, m, signed(diff.value), f"[{signed(diff.low)}, {signed(diff.high)}]",
+                             "yes" if not diff.contains(0.0) else "no"])
+    return header, rows
+
+
+# --- per run --------------------------------------------------------------------------------------
 COLUMNS = ["run", "model", "method", "impl", "lr", "trainable", "% of base", "peak MiB", "train tok/s", "wall s",
            "adapter MiB"]
 
 
 def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
-    metric_names = sorted({m for r in runs for m in r.metrics})
-    header = COLUMNS + metric_names + ["final loss"]
+    metrics = metric_names(runs)
+    header = COLUMNS + metrics + ["final loss"]
     rows = []
     for r in runs:
         lr = (r.recipe.get("train") or {}).get("lr", float("nan"))
         rows.append([r.name, str(r.recipe.get("model")), r.method, r.impl, _fmt(lr, 2),
                      f"{r.trainable:,}", f"{r.trainable_pct:.2f}", _fmt(r.peak_memory_mb),
                      _fmt(r.tokens_per_s), _fmt(r.wall_time_s), f"{r.adapter_bytes / 2**20:.2f}"]
-                    + [_fmt(r.metrics.get(m, float("nan"))) for m in metric_names]
-                    + [_fmt(r.losses[-1][1]) if r.losses else "-"])
+                    + [fmt_metric(m, r.metrics.get(m, float("nan"))) for m in metrics]
+                    + [f"{r.losses[-1][1]:.3f}" if r.losses else "-"])
     return header, rows
 
 
@@ -160,117 +351,155 @@ def pair_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
         quantities |= {m: (ours.metrics.get(m, float("nan")), theirs.metrics.get(m, float("nan")))
                        for m in sorted(set(ours.metrics) | set(theirs.metrics))}
         for name, (a, b) in quantities.items():
-            rows.append([f"{ours.name} vs {theirs.name}: {name}", _fmt(a), _fmt(b), _fmt(a - b)])
+            show = (lambda v: fmt_metric(name, v)) if "/" in name else _fmt  # noqa: E731
+            rows.append([f"{ours.name} vs {theirs.name}: {name}", show(a), show(b), show(a - b)])
     return header, rows
 
 
+def samples(groups: list[Group], base: dict | None, per_task: int = 3) -> dict[str, list[dict]]:
+    """Per generation task, a few held-out prompts: {prompt, reference, answers: [(who, text)]}, the
+    base model's answer first, then each method's (its first seed's)."""
+    base_examples = {task: result.get("examples") or [] for task, result in ((base or {}).get("tasks") or {}).items()}
+    found = {}
+    for task, prompt_key, answer_key, reference_key in (("e2e", "mr", "prediction", "reference"),
+                                                       ("gsm8k", "question", "output", "gold")):
+        entries = [(g.name, g.first.examples.get(task, [])) for g in groups]
+        if base_examples.get(task):
+            entries.insert(0, ("base model", base_examples[task]))
+        blocks = []
+        for i in range(per_task):
+            first = next((e[i] for _, e in entries if len(e) > i), None)
+            if first is None:
+                break
+            answers = [(who, _short(e[i].get(answer_key, ""))) for who, e in entries if len(e) > i]
+            blocks.append({"prompt": _short(first.get(prompt_key, "")), "reference": _short(str(first.get(reference_key, ""))),
+                           "answers": answers})
+        if blocks:
+            found[task] = blocks
+    return found
+
+
+def _short(text: str, limit: int = 240) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    escape = lambda c: c.replace("|", "\\|")  # noqa: E731
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return "\n".join(lines + ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows])
 
 
-def render_markdown(runs: list[RunSummary], command: str) -> str:
+INTERVALS_NOTE = ("Metrics are percentages (losses in nats per token): the mean over seeds, ± the standard "
+                  "deviation over seeds where there are several, and [a 95 % bootstrap interval] over the "
+                  "evaluated examples (and seeds). `*`: the difference to LoRA has a 95 % interval that "
+                  "excludes 0 (paired over the same examples).")
+
+
+def render_markdown(runs: list[RunSummary], command: str, base: dict | None = None) -> str:
+    groups = groups_of(runs)
     parts = ["# PEFT methods compared", "", f"Produced by `{command}`.", "", setup_line(runs), "",
-             markdown_table(*table_rows(runs))]
+             markdown_table(*group_rows(groups, base)), "", INTERVALS_NOTE]
+    header, rows = significance_rows(groups)
+    if rows:
+        parts += ["", "## Differences to LoRA", "", markdown_table(header, rows)]
+    if base is not None and any(forgetting(g, base) is not None for g in groups):
+        parts += ["", f"Forgetting: the {FORGETTING_TASK} loss after training minus the base model's on the same "
+                      f"examples (peft's benchmark's measure); positive means the method forgot."]
     if pairs(runs):
         parts += ["", "## peftkit vs peft, same recipe", "", markdown_table(*pair_rows(runs))]
+    for task, blocks in samples(groups, base).items():
+        parts += ["", f"## Sample outputs: {task}"]
+        for number, block in enumerate(blocks, 1):
+            parts += ["", f"{number}. `{block['prompt']}` (reference: {block['reference']})", "",
+                      markdown_table(["", "output"], [[who, text] for who, text in block["answers"]])]
+    parts += ["", "## Runs", "", markdown_table(*table_rows(runs))]
     if any(r.skipped for r in runs):
         parts += ["", "## Not scored", ""] + [f"- {r.name}: {task}: {why}" for r in runs for task, why in r.skipped.items()]
-    parts += ["", "Loss curves: see report.html."]
+    parts += ["", "Plots (metric against parameters, memory and time; loss curves; per-task intervals): see report.html."]
     return "\n".join(parts) + "\n"
 
 
-def loss_svg(runs: list[RunSummary], width: int = 720, height: int = 360) -> str:
-    """Training loss against step for every run, overlaid, as an inline SVG."""
-    points = [(s, l) for r in runs for s, l in r.losses if math.isfinite(l)]
-    if not points:
-        return '<svg class="plot" data-plot="loss" width="720" height="60"><text x="10" y="30">no loss logged</text></svg>'
-    pad = 50
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x0, x1, y0, y1 = min(xs), max(max(xs), min(xs) + 1), min(ys), max(max(ys), min(ys) + 1e-6)
-    sx = lambda x: pad + (x - x0) / (x1 - x0) * (width - 2 * pad)  # noqa: E731
-    sy = lambda y: height - pad - (y - y0) / (y1 - y0) * (height - 2 * pad)  # noqa: E731
-    parts = [f'<svg class="plot" data-plot="loss" xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-             f'viewBox="0 0 {width} {height}" style="background:#fff;border:1px solid #ccc">',
-             f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="#333"/>',
-             f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="#333"/>']
-    for i in range(5):
-        y = y0 + (y1 - y0) * i / 4
-        parts.append(f'<text x="{pad - 6}" y="{sy(y) + 4:.1f}" font-size="11" text-anchor="end">{y:.2f}</text>')
-        x = x0 + (x1 - x0) * i / 4
-        parts.append(f'<text x="{sx(x):.1f}" y="{height - pad + 16}" font-size="11" text-anchor="middle">{x:.0f}</text>')
-    parts.append(f'<text x="{width / 2}" y="{height - 8}" font-size="12" text-anchor="middle">step</text>')
-    parts.append(f'<text x="14" y="{height / 2}" font-size="12" transform="rotate(-90 14 {height / 2})" '
-                 f'text-anchor="middle">training loss</text>')
-    for i, run in enumerate(runs):
-        colour = COLOURS[i % len(COLOURS)]
-        dash = ' stroke-dasharray="6 3"' if run.impl == "peft" else ""
-        line = " ".join(f"{sx(s):.1f},{sy(l):.1f}" for s, l in run.losses if math.isfinite(l))
-        parts.append(f'<polyline data-run="{html.escape(run.name)}" fill="none" stroke="{colour}" stroke-width="2"'
-                     f'{dash} points="{line}"/>')
-        parts.append(f'<text x="{width - pad + 4 - 150}" y="{pad + 16 * i}" font-size="12" fill="{colour}">'
-                     f'{html.escape(run.name)} ({run.impl})</text>')
-    return "\n".join(parts + ["</svg>"])
-
-
-def bars_svg(runs: list[RunSummary], metric: str, width: int = 720) -> str:
-    """One horizontal bar per run for one metric."""
-    values = [r.metrics.get(metric, float("nan")) for r in runs]
-    finite = [v for v in values if math.isfinite(v)]
-    top = max(finite) if finite and max(finite) > 0 else 1.0
-    height = 30 + 26 * len(runs)
-    parts = [f'<svg class="plot" data-plot="{html.escape(metric)}" xmlns="http://www.w3.org/2000/svg" '
-             f'width="{width}" height="{height}" style="background:#fff;border:1px solid #ccc">',
-             f'<text x="10" y="18" font-size="13" font-weight="bold">{html.escape(metric)}</text>']
-    for i, (run, value) in enumerate(zip(runs, values)):
-        y = 28 + 26 * i
-        length = 0 if not math.isfinite(value) else max(value, 0) / top * (width - 320)
-        parts.append(f'<text x="10" y="{y + 15}" font-size="12">{html.escape(run.name)}</text>')
-        parts.append(f'<rect x="220" y="{y}" width="{length:.1f}" height="18" fill="{COLOURS[i % len(COLOURS)]}"/>')
-        parts.append(f'<text x="{226 + length:.1f}" y="{y + 14}" font-size="12">{_fmt(value)}</text>')
-    return "\n".join(parts + ["</svg>"])
-
-
-def html_table(header: list[str], rows: list[list[str]]) -> str:
+def html_table(header: list[str], rows: list[list[str]], css_class: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    attribute = f' class="{css_class}"' if css_class else ""
+    return f"<table{attribute}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def render_html(runs: list[RunSummary], command: str) -> str:
-    metrics = sorted({m for r in runs for m in r.metrics})
+def _points(groups: list[Group], metric: str) -> list[plots.Point]:
+    points = []
+    for g in groups:
+        found = interval(g, metric)
+        value = found.value if found else float("nan")
+        low = found.low if found and math.isfinite(found.low) else value
+        high = found.high if found and math.isfinite(found.high) else value
+        points.append(plots.Point(g.name, g.index, value, low, high, g.first.impl == "peft"))
+    return points
+
+
+def render_html(runs: list[RunSummary], command: str, base: dict | None = None) -> str:
+    groups = groups_of(runs)
+    metrics = metric_names(runs)
     sections = [f"<h1>PEFT methods compared</h1><p>Produced by <code>{html.escape(command)}</code>.</p>",
-                f"<p>{html.escape(setup_line(runs))}</p>", html_table(*table_rows(runs)), "<h2>Training loss</h2>",
-                loss_svg(runs)]
+                f"<p>{html.escape(setup_line(runs))}</p>", html_table(*group_rows(groups, base)),
+                f"<p>{html.escape(INTERVALS_NOTE)}</p>"]
+    main = next((m for m in MAIN_METRICS if m in metrics), None)
+    if main:
+        costs = {"trainable parameters": [float(g.first.trainable or "nan") for g in groups],
+                 "peak memory (MiB)": [g.mean("peak_memory_mb") for g in groups],
+                 "training time (s)": [g.mean("train_time_s") for g in groups]}
+        sections += [f"<h2>{html.escape(main)} against cost</h2>", plots.tradeoff_svg(main, _points(groups, main), costs)]
+    sections += ["<h2>Training loss</h2>",
+                 plots.loss_svg([(r.name, g.index, r.impl == "peft", r.losses) for g in groups for r in g.runs])]
+    header, rows = significance_rows(groups)
+    if rows:
+        sections += ["<h2>Differences to LoRA</h2>", html_table(header, rows)]
     if pairs(runs):
         sections += ["<h2>peftkit vs peft, same recipe</h2>", html_table(*pair_rows(runs))]
+    for task, blocks in samples(groups, base).items():
+        sections.append(f"<h2>Sample outputs: {html.escape(task)}</h2>")
+        for block in blocks:
+            sections += [f"<p><code>{html.escape(block['prompt'])}</code> (reference: {html.escape(block['reference'])})</p>",
+                         html_table(["", "output"], [[who, text] for who, text in block["answers"]], "samples")]
     if any(r.skipped for r in runs):
         items = "".join(f"<li>{html.escape(f'{r.name}: {task}: {why}')}</li>" for r in runs for task, why in r.skipped.items())
         sections += [f"<h2>Not scored</h2><ul>{items}</ul>"]
     if metrics:
-        sections += ["<h2>Task metrics</h2>"] + [bars_svg(runs, m) for m in metrics]
+        sections += ["<h2>Task metrics</h2>"] + [plots.bars_svg(m, _points(groups, m)) for m in metrics]
+    sections += ["<h2>Runs</h2>", html_table(*table_rows(runs))]
     style = ("body{font-family:sans-serif;margin:24px;color:#222;background:#fafafa}"
              "table{border-collapse:collapse;margin:12px 0}td,th{border:1px solid #bbb;padding:4px 8px;"
-             "font-size:13px;text-align:right}th{background:#eee}td:first-child{text-align:left}"
-             "svg.plot{display:block;margin:12px 0}")
+             "font-size:13px;text-align:right;max-width:420px}th{background:#eee}td:first-child{text-align:left}"
+             "table.samples td{text-align:left}svg.plot{display:block;margin:12px 0;background:#fff}")
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>peftkit compare</title>"
             f"<style>{style}</style></head><body>{''.join(sections)}</body></html>\n")
 
 
-def compare(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool = False, command: str = "") -> Path:
-    """Write report.md and report.html for the runs into `out`; returns `out`."""
+def compare(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool = False, command: str = "",
+            base_eval: str | Path | None = None) -> Path:
+    """Write report.md and report.html for the runs into `out`; returns `out`.
+
+    `base_eval`: the base model's eval.json on the same tasks, for forgetting and sample outputs.
+    """
     out = Path(out)
     if not run_dirs:
         raise ConfigError("compare needs at least one run directory")
     runs = [summarize(Path(r)) for r in run_dirs]
+    base = None
+    if base_eval is not None:
+        if not Path(base_eval).is_file():
+            raise ConfigError(f"--base-eval: {base_eval} does not exist: pass the base model's eval.json "
+                              f"(peftkit eval <model> --out FILE)")
+        base = json.loads(Path(base_eval).read_text())
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise ConfigError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
     command = command or "peftkit compare " + " ".join(map(str, run_dirs)) + f" --out {out}"
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
-    (tmp / "report.md").write_text(render_markdown(runs, command))
-    (tmp / "report.html").write_text(render_html(runs, command))
+    (tmp / "report.md").write_text(render_markdown(runs, command, base))
+    (tmp / "report.html").write_text(render_html(runs, command, base))
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

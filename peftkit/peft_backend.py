@@ -62,10 +62,13 @@ def peft_config(cfg: Any, model: nn.Module) -> Any:
 
     task_type = PEFT_TASK_TYPES[task_of_model(model)]
     if cfg.method == "lora":
+        if cfg.init == "loftq":
+            raise ConfigError("impl: peft cannot run LoftQ here: peft's loftq_init needs CUDA and a full-precision "
+                              "base; use impl: peftkit")
         return peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
                                target_modules=family_targets(model, cfg.target_modules),
                                use_rslora=cfg.rslora, use_dora=cfg.dora, task_type=task_type,
-                               init_lora_weights="gaussian" if cfg.init == "gaussian" else True)
+                               init_lora_weights=cfg.init if cfg.init in ("gaussian", "pissa", "olora") else True)
     if cfg.method == "prefix":
         if cfg.init != "random":
             logger.warning("peft's prefix-tuning has no init from real tokens: impl: peft starts from random prefixes")

@@ -20,6 +20,27 @@ from peftkit.targets import kept_in_full_precision, quantizable_names, replace_m
 logger = logging.getLogger(__name__)
 
 
+def will_quantize(model: nn.Module, name: str, blocksize: int = 64, log: bool = False) -> bool:
+    """Whether `quantize_layers` turns this layer into 4-bit (see there); an error for a layer it cannot."""
+    layer = model.get_submodule(name)
+    if isinstance(layer, Linear4bit):
+        return False
+    if kept_in_full_precision(model, name):
+        if log:
+            logger.info("%s: %s keeps this layer in full precision (_keep_in_fp32_modules); not quantised",
+                        name, type(model).__name__)
+        return False
+    if not isinstance(layer, (nn.Linear, Conv1D)):
+        raise AdapterError(f"cannot quantise {name!r}: it is a {type(layer).__name__}; NF4 quantises nn.Linear "
+                           f"and Conv1D layers: narrow target_modules to those")
+    if layer.weight.numel() % blocksize:
+        if log:
+            logger.warning("%s: %d weights are not a multiple of the block size %d; left unquantised",
+                           name, layer.weight.numel(), blocksize)
+        return False
+    return True
+
+
 def quantize_layers(model: nn.Module, names: list[str], blocksize: int = 64, double_quant: bool = True) -> int:
     """Replace the named `nn.Linear` (or GPT-2 `Conv1D`) layers by `Linear4bit`; returns how many were quantised.
 
@@ -32,18 +53,7 @@ def quantize_layers(model: nn.Module, names: list[str], blocksize: int = 64, dou
     quantized = 0
     for name in names:
         layer = model.get_submodule(name)
-        if isinstance(layer, Linear4bit):
-            continue
-        if kept_in_full_precision(model, name):
-            logger.info("%s: %s keeps this layer in full precision (_keep_in_fp32_modules); not quantised",
-                        name, type(model).__name__)
-            continue
-        if not isinstance(layer, (nn.Linear, Conv1D)):
-            raise AdapterError(f"cannot quantise {name!r}: it is a {type(layer).__name__}; NF4 quantises nn.Linear "
-                               f"and Conv1D layers: narrow target_modules to those")
-        if layer.weight.numel() % blocksize:
-            logger.warning("%s: %d weights are not a multiple of the block size %d; left unquantised",
-                           name, layer.weight.numel(), blocksize)
+        if not will_quantize(model, name, blocksize, log=True):
             continue
         if isinstance(layer, Conv1D):
             packed, state = quantize_nf4(layer.weight.T.contiguous(), blocksize=blocksize, double_quant=double_quant)

@@ -108,11 +108,14 @@ class Recipe:
     # Several base models, the same method(s) on each: every model trains into output/<model>
     # (output/<model>-<method> with methods), one report over all of them.
     models: list[str] = field(default_factory=list)
+    # Train every run once per seed (train.seed), into <run>-seed<k>; the report shows each method's
+    # mean, spread and confidence interval over them. A method may list its own seeds.
+    seeds: list[int] = field(default_factory=list)
 
     @property
     def is_study(self) -> bool:
-        """Several runs (methods or models) and a report, rather than one run."""
-        return bool(self.methods or self.models)
+        """Several runs (methods, models or seeds) and a report, rather than one run."""
+        return bool(self.methods or self.models or self.seeds)
 
     def check(self) -> None:
         """Every check that needs no model: values, the adapter preset, data file, eval tasks."""
@@ -168,7 +171,8 @@ def method_recipes(recipe: Recipe) -> dict[str, Recipe]:
     are merged, `adapter` is replaced whole), and its output is `<output>/<name>`. With `models`,
     every method runs on every model: run names are `<model>` alone, or `<model>-<method>`.
     """
-    shared = {k: v for k, v in recipe.to_dict().items() if k not in ("methods", "models")}
+    shared = {k: v for k, v in recipe.to_dict().items() if k not in ("methods", "models", "seeds")}
+    check_seeds(recipe.seeds, "seeds")
     methods = recipe.methods or {"": {}}
     for name, overrides in methods.items():
         _require(isinstance(name, str) and (name == "" and not recipe.methods or _run_name_ok(name)), "methods",
@@ -184,18 +188,31 @@ def method_recipes(recipe: Recipe) -> dict[str, Recipe]:
         label = Path(model).name if model else ""
         _require(model is None or bool(label), "models", "entries must be registry names or model directories", model)
         for method, overrides in methods.items():
-            name = "-".join(part for part in (label, method) if part)
+            overrides = dict(overrides)
+            seeds = overrides.pop("seeds", recipe.seeds)
+            check_seeds(seeds, f"methods.{method}.seeds")
+            base_name = "-".join(part for part in (label, method) if part)
             where = f"models.{model}" + (f", methods.{method}" if method else "") if model else f"methods.{method}"
-            values = _merge(shared, {**overrides, **({"model": model} if model else {})})
-            values["output"] = str(Path(recipe.output) / name)
-            try:
-                run = build(Recipe, values, "")
-                run._check_run()
-            except ConfigError as exc:
-                raise ConfigError(f"{where}: {exc}") from None
-            _require(name not in runs, "models", f"two runs would share the directory {name}", model)
-            runs[name] = run
+            for seed in seeds or [None]:
+                name = "-".join(part for part in (base_name, f"seed{seed}" if seed is not None else "") if part)
+                values = _merge(shared, {**overrides, **({"model": model} if model else {})})
+                if seed is not None:
+                    values = _merge(values, {"train": {"seed": seed}})
+                values["output"] = str(Path(recipe.output) / name)
+                try:
+                    run = build(Recipe, values, "")
+                    run._check_run()
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
+                _require(name not in runs, "models", f"two runs would share the directory {name}", model)
+                runs[name] = run
     return runs
+
+
+def check_seeds(seeds: Any, key: str) -> None:
+    _require(isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
+             key, "expected a list of seeds (whole numbers >= 0), e.g. [1, 2, 3]", seeds)
+    _require(len(set(seeds)) == len(seeds), key, "lists a seed twice", seeds)
 
 
 def _run_name_ok(name: str) -> bool:

@@ -8,6 +8,7 @@ models, on the same data, seed and budget, then compare.
                        <model>/ or <model>-<method>/
       lora-peft/
       ...
+      base/eval.json   the base model on the same eval tasks (forgetting, sample outputs)
       report/          report.md and report.html from `peftkit compare` over all of them
 
 `--resume` keeps the methods that finished, resumes the one that was interrupted from its last
@@ -57,9 +58,28 @@ def train_methods(recipe: Recipe, *, source: str = "recipe", resume: bool = Fals
         if done.returncode != 0:
             raise PeftkitError(f"method {name} failed (exit {done.returncode}, see above): fix it and rerun with "
                                f"--resume to keep the methods that finished")
+    base_eval = evaluate_base(recipe, out / "base" / "eval.json", resume)
     report = compare([Path(run.output) for run in runs.values()], out / "report", overwrite=True,
-                     command=command or f"peftkit train {source}")
+                     command=command or f"peftkit train {source}", base_eval=base_eval)
     return report
+
+
+def evaluate_base(recipe: Recipe, path: Path, resume: bool) -> Path | None:
+    """The base model (no adapter) on the recipe's eval tasks, for forgetting and sample outputs;
+    None without eval tasks or with several models."""
+    if not recipe.eval.tasks or recipe.models:
+        return None
+    if resume and path.is_file():
+        return path
+    logger.info("base model: evaluating %s", ", ".join(recipe.eval.tasks))
+    command = [sys.executable, "-m", "peftkit", "eval", recipe.model, "--tasks", ",".join(recipe.eval.tasks),
+               "--out", str(path), "--shots", str(recipe.eval.shots)]
+    if recipe.eval.limit:
+        command += ["--limit", str(recipe.eval.limit)]
+    done = subprocess.run(command, stdout=subprocess.DEVNULL)
+    if done.returncode != 0:
+        raise PeftkitError(f"evaluating the base model failed (exit {done.returncode}, see above): rerun with --resume")
+    return path
 
 
 def finished(run_dir: Path) -> bool:

@@ -1,6 +1,7 @@
 """`peftkit compare`: tables from real run directories, an offline HTML page whose plots render."""
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,12 +43,13 @@ def test_markdown_and_html(runs, tmp_path):
     out = compare(runs, tmp_path / "report")
     markdown = (out / "report.md").read_text()
     assert "| lora | tiny-llama | lora | peftkit |" in markdown and "| lora-peft | tiny-llama | lora | peft |" in markdown
-    assert "sst2/accuracy" in markdown and "lora vs lora-peft: sst2/accuracy | 75 | 70 | 5" in markdown
+    assert "sst2/accuracy" in markdown and "lora vs lora-peft: sst2/accuracy | 75.0 | 70.0 | 5.0" in markdown
     assert "Shared setup: model tiny-llama; data " in markdown and "; 4 steps x batch 4; seed 7." in markdown
     assert "## Not scored\n\n- dora: e2e: cannot generate" in markdown
     page = (out / "report.html").read_text()
-    assert page.count('class="plot"') == 2 and page.count("<polyline") == 3
-    assert "http" not in page.replace('xmlns="http://www.w3.org/2000/svg"', "")  # nothing to fetch
+    plotted = re.findall(r'<svg class="plot" data-plot="([^"]+)"', page)
+    assert plotted == ["tradeoff", "loss", "sst2/accuracy"]  # matplotlib's SVG, inlined
+    assert "<script" not in page and not re.search(r'(src|href)="(?!#)', page)  # nothing to fetch
     with pytest.raises(ConfigError, match="--overwrite"):
         compare(runs, out)
 
@@ -79,4 +81,45 @@ def test_page_renders_in_headless_chromium(runs, tmp_path):
         assert rgb in pixels, hex_colour
     dom = subprocess.run([CHROMIUM, *flags[:-1], "--dump-dom", (out / "report.html").as_uri()],
                          capture_output=True, text=True, timeout=120).stdout
-    assert dom.count('class="plot"') == 2 and 'data-plot="loss"' in dom and 'data-plot="sst2/accuracy"' in dom
+    assert dom.count('class="plot"') == 3 and 'data-plot="loss"' in dom and 'data-plot="sst2/accuracy"' in dom
+
+
+def scored(run: Path, correct: list[int], nll: list[float]) -> None:
+    """An eval.json with per-example statistics, as the eval tasks write them."""
+    labels = [i % 2 for i in range(len(correct))]
+    predictions = [label if ok else 1 - label for label, ok in zip(labels, correct)]
+    tasks = {"sst2": {"metrics": {"accuracy": 100 * sum(correct) / len(correct)},
+                      "scores": {"correct": correct, "prediction": predictions, "label": labels}},
+             "alpaca-heldout": {"metrics": {"loss": sum(nll) / (10 * len(nll))},
+                                "scores": {"nll": nll, "tokens": [10] * len(nll)}}}
+    (run / "eval.json").write_text(json.dumps({"tasks": tasks}))
+
+
+def test_seeds_intervals_significance_and_forgetting(runs, tmp_path):
+    rng = __import__("random").Random(0)
+    lora, _, dora = runs
+    seeds = []
+    for seed in (1, 2):  # two seeds of LoRA near 70 %, DoRA near 95 %: a real difference
+        run = shutil.copytree(lora, tmp_path / f"lora-seed{seed}")
+        scored(run, [int(rng.random() < 0.7) for _ in range(200)], [20 + rng.random() for _ in range(200)])
+        seeds.append(run)
+    better = shutil.copytree(dora, tmp_path / "dora")
+    recipe = yaml.safe_load((better / "recipe.yaml").read_text())
+    recipe["data"]["train"] = "sst2"  # trained without alpaca: its held-out loss measures forgetting
+    (better / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    scored(better, [int(rng.random() < 0.95) for _ in range(200)], [21 + rng.random() for _ in range(200)])
+    base = tmp_path / "base.json"
+    scored(tmp_path, [1] * 100 + [0] * 100, [19 + rng.random() for _ in range(200)])
+    (tmp_path / "eval.json").rename(base)
+    out = compare([*seeds, better], tmp_path / "report", base_eval=base)
+    markdown = (out / "report.md").read_text()
+    rows = {}
+    for line in markdown.splitlines():  # the first table: one row per method
+        if line.startswith("| "):
+            rows.setdefault(line.split(" | ")[0].strip("| "), line)
+    assert rows["lora"].split(" | ")[2] == "2"  # one row for both seeds
+    assert re.search(r"\| [67]\d\.\d ±\d\.\d \[[56]\d\.\d, 7\d\.\d\] \|", rows["lora"])  # mean ± spread [interval]
+    assert re.search(r"9\d\.\d \[\d\d\.\d, \d\d\.\d\] \*", rows["dora"])  # significantly above LoRA
+    assert "in training mix" in rows["lora"]  # write_recipe trains on alpaca: not forgetting
+    assert re.search(r"\| \+0\.(19\d|20\d) \[\+0\.1\d\d, \+0\.2\d\d\] \|", rows["dora"])  # 2 nats / 10 tokens
+    assert "| dora | sst2/accuracy | +2" in markdown and "| yes |" in markdown

@@ -50,7 +50,7 @@ def test_all_tasks_end_to_end_report_shape(tiny):
     expected = {"sst2": {"accuracy", "f1_macro"}, "e2e": {"bleu", "rougeL", "chrf"},
                 "gsm8k": {"exact_match", "answer_found"}, "alpaca-heldout": {"loss", "perplexity"}}
     for name, task in report["tasks"].items():
-        assert set(task) == {"metrics", "n", "seconds", "cached", "settings", "details", "examples"}
+        assert set(task) == {"metrics", "n", "seconds", "cached", "settings", "details", "examples", "scores"}
         assert set(task["metrics"]) == expected[name] and task["n"] == 2 and task["cached"] is False
         assert task["settings"]["limit"] == 2 and Path(task["settings"]["data"]).is_absolute()
     assert report["tasks"]["e2e"]["details"]["bleu"]["tokenize"] == "13a"

@@ -40,6 +40,17 @@ def test_methods_share_everything_but_their_overrides(tmp_path):
     assert {run.data.sources == ["sst2", "e2e"] and run.train.seed == 3 for run in runs.values()} == {True}
 
 
+def test_seeds_train_each_method_once_per_seed(tmp_path):
+    study = write_study(tmp_path, seeds=[1], methods={"lora": {"seeds": [1, 2, 3]}, "prefix": {"adapter": "prefix"}})
+    runs = method_recipes(load_recipe(str(study)))
+    assert list(runs) == ["lora-seed1", "lora-seed2", "lora-seed3", "prefix-seed1"]
+    assert [run.train.seed for run in runs.values()] == [1, 2, 3, 1]
+    assert runs["lora-seed2"].output == str(tmp_path / "study" / "lora-seed2")
+    for bad, why in (([1, 1], "lists a seed twice"), ("1", "seeds: expected a list"), ([-1], "whole numbers")):
+        with pytest.raises(ConfigError, match=why):
+            method_recipes(load_recipe(str(write_study(tmp_path, seeds=bad))))
+
+
 def test_models_run_every_method_on_every_model(tmp_path):
     runs = method_recipes(load_recipe(str(write_study(tmp_path, models=["tiny-qwen2", "tiny-gpt2"]))))
     assert list(runs) == ["tiny-qwen2-lora", "tiny-qwen2-lora-peft", "tiny-qwen2-prefix", "tiny-gpt2-lora",
@@ -99,6 +110,8 @@ def test_trains_every_method_and_reports(tmp_path):
     assert all("sst2/accuracy" in s.metrics for s in summaries.values())
     markdown = (report / "report.md").read_text()
     assert all(f"| {name} |" in markdown for name in summaries) and "lora vs lora-peft" in markdown
+    base = json.loads((study / "base" / "eval.json").read_text())  # the base model, for forgetting and samples
+    assert base["adapter"] is None and len(base["tasks"]["sst2"]["scores"]["correct"]) == 4
 
     # an interrupted study: the last method never finished; --resume trains only that one
     stamp = (study / "lora" / "system.json").stat().st_mtime_ns

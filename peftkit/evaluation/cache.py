@@ -23,7 +23,7 @@ from peftkit.models import cache_dir
 
 logger = logging.getLogger(__name__)
 
-CACHE_VERSION = 1  # bump when a task's scoring changes, so old entries stop matching
+CACHE_VERSION = 2  # bump when a task's scoring changes, so old entries stop matching
 
 
 def default_cache_dir() -> Path:

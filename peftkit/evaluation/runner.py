@@ -129,8 +129,9 @@ def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
 
     Returns:
         `{"model": {...}, "adapter": {...} | None, "tasks": {name: {"metrics", "n", "seconds", "cached",
-        "settings", "details", "examples"}}, "seconds", "created", "peftkit_version"}`. Scores are
-        percentages; losses are nats per token.
+        "settings", "details", "examples", "scores"}}, "seconds", "created", "peftkit_version"}`. Metrics
+        are percentages; losses are nats per token. `scores` holds per-example statistics, from
+        which `peftkit.stats` recomputes each metric on resamples (confidence intervals).
 
     Raises:
         ConfigError: an unknown task or setting, or missing or malformed data.
@@ -165,7 +166,7 @@ def evaluate_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase,
                 cache.store(directory, spec, key, result, seconds)
         results[spec.name] = {"metrics": result.metrics, "n": result.n, "seconds": round(seconds, 2),
                               "cached": hit is not None, "settings": {**dataclasses.asdict(spec), "limit": limit},
-                              "details": result.details, "examples": result.examples}
+                              "details": result.details, "examples": result.examples, "scores": result.scores}
     return {"model": model_id, "adapter": adapter_id, "tasks": results,
             "seconds": round(time.perf_counter() - start, 2),
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

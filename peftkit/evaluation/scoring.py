@@ -124,7 +124,7 @@ def score_candidates(model: nn.Module, prompts: Sequence[list[int]], candidates:
 @torch.inference_mode()
 def completion_loss(model: nn.Module, examples: Sequence[tuple[list[int], list[int]]], pad_id: int,
                     batch_size: int = 8, desc: str | None = None, progress: bool = True,
-                    share_prefix: bool = True) -> tuple[float, int]:
+                    share_prefix: bool = True, per_example: list | None = None) -> tuple[float, int]:
     """Summed negative log-likelihood (nats) over labelled tokens, and how many tokens that is.
 
     Args:
@@ -132,6 +132,7 @@ def completion_loss(model: nn.Module, examples: Sequence[tuple[list[int], list[i
         examples: (input_ids, labels) pairs; labels equal to `IGNORE_INDEX` are not scored.
         pad_id: the padding token id.
         batch_size, desc, progress, share_prefix: as in `score_candidates`.
+        per_example: a list to fill with each example's (nats, tokens), in the examples' order.
 
     Returns:
         (total negative log-likelihood, number of scored tokens); their ratio is the mean loss.
@@ -151,7 +152,14 @@ def completion_loss(model: nn.Module, examples: Sequence[tuple[list[int], list[i
         else:  # position j predicts token j + 1
             logits, labels = logits[:, :-1], labels[:, 1:]
         targets = labels.reshape(-1)
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX,
-                                 reduction="sum").item()
+        losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets, ignore_index=IGNORE_INDEX,
+                                 reduction="none")
+        total += losses.sum().item()
         count += int((targets != IGNORE_INDEX).sum())
+        if per_example is not None:
+            rows, tokens = losses.view(len(idx), -1).sum(dim=1).tolist(), (labels != IGNORE_INDEX).sum(dim=1).tolist()
+            per_example.extend(zip(idx, rows, tokens))
+    if per_example is not None:
+        per_example.sort(key=lambda item: item[0])
+        per_example[:] = [(nats, tokens) for _, nats, tokens in per_example]
     return total, count

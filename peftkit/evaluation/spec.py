@@ -119,6 +119,7 @@ class TaskResult:
     n: int  # examples scored (for e2e: meaning representations)
     details: dict[str, Any] = field(default_factory=dict)  # split, prompting, tokenisation: what a reader needs
     examples: list[dict[str, Any]] = field(default_factory=list)  # a few predictions, for a look
+    scores: dict[str, list] = field(default_factory=dict)  # per-example statistics, for intervals (peftkit.stats)
 
 
 def spec_path(name_or_path: str | Path) -> Path:

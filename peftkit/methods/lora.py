@@ -12,6 +12,17 @@ GPT-2's `Conv1D` layers store their weight transposed, (in, out); LoRA wraps the
 
 Parameter names follow peft (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`), so
 the saved state dict needs no renaming beyond peft's `base_model.model.` prefix.
+
+Initialisations from the base weight W (out, in), each starting where the base model is:
+- `pissa` (Meng et al., 2024): W = U S V^T; B = U_r sqrt(S_r / scale), A = sqrt(S_r / scale) V_r^T,
+  and the base keeps the residual W - scale * B A.
+- `olora` (Buyukakyuz, 2024): W = Q R; B = Q_:r, A = R_r:, the base keeps W - scale * B A.
+- `loftq` (Li et al., 2024, algorithm 1), with a 4-bit base: T times, Q_t = NF4(W - scale * B A),
+  then B A = the rank-r SVD of (W - Q_t) / scale; the base holds Q_T, so base plus adapter starts
+  nearer W than QLoRA's NF4(W) alone.
+PiSSA and OLoRA move the base, so a saved adapter is converted to plain LoRA on the original
+weights, as peft's `path_initial_model_for_weight_conversion` does: B A - B0 A0 as rank 2r,
+[B, -B0] [A; A0], with alpha doubled to keep the scale.
 """
 
 import math
@@ -27,7 +38,8 @@ from peftkit.errors import AdapterError, ConfigError
 from peftkit.nf4 import BLOCKSIZES, Linear4bit
 from peftkit.targets import ALL_LINEAR, family_targets, find_targets, replace_module
 
-INITS = ("default", "gaussian")
+INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+BASE_INITS = ("pissa", "olora")  # initialisations that move the base weight (saved converted to plain LoRA)
 
 
 class _DroppedLoRA(torch.autograd.Function):
@@ -86,7 +98,8 @@ class LoRAConfig:
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # names, a regex, or all-linear
     rslora: bool = False  # rank-stabilised scale alpha / sqrt(r)
     dora: bool = False  # weight-decomposed LoRA: train a per-row magnitude too
-    init: str = "default"  # A: kaiming-uniform (default) or normal(0, 1/r) (gaussian); B: zeros
+    init: str = "default"  # A kaiming-uniform (default) or normal(0, 1/r) (gaussian), B zeros; or pissa, olora, loftq
+    loftq_iter: int = 1  # LoftQ: alternating quantise / low-rank steps (1: the base is NF4(W), as QLoRA's)
     quantize: str | None = None  # nf4: quantise the targeted base layers to 4-bit NF4 first (QLoRA)
     blocksize: int = 64  # NF4 block size (values sharing one absmax)
     double_quant: bool = True  # quantise the absmax values too (8-bit, block 256)
@@ -107,6 +120,15 @@ class LoRAConfig:
             raise ConfigError(f"target_modules must be module names, a regex or 'all-linear', got {targets!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {INITS}, got {self.init!r}")
+        if self.init in BASE_INITS and self.quantize:
+            raise ConfigError(f"init {self.init} rewrites the base weights, which a 4-bit base cannot hold: use a "
+                              f"full-precision base (quantize: null), or init: loftq for QLoRA")
+        if self.init == "loftq" and self.quantize != "nf4":
+            raise ConfigError("init loftq initialises against a 4-bit base: set quantize: nf4 (the qlora-loftq preset)")
+        if self.init in (*BASE_INITS, "loftq") and self.dora:
+            raise ConfigError(f"init {self.init} is for plain LoRA: set dora: false, or init: default")
+        if isinstance(self.loftq_iter, bool) or not isinstance(self.loftq_iter, int) or self.loftq_iter <= 0:
+            raise ConfigError(f"loftq_iter must be a positive integer, got {self.loftq_iter!r}")
         if self.quantize not in (None, "nf4"):
             raise ConfigError(f"quantize must be nf4 or empty, got {self.quantize!r}")
         if self.blocksize not in BLOCKSIZES:
@@ -165,11 +187,47 @@ class LoRALinear(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, init: str = "default") -> None:
+        if init in BASE_INITS:
+            return self._init_from_base(init)
         if init == "gaussian":
             nn.init.normal_(self.lora_A.weight, std=1 / self.r)
         else:
             nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+
+    @torch.no_grad()
+    def _init_from_base(self, init: str) -> None:
+        """PiSSA or OLoRA: A, B from W's principal directions; the base keeps W - scale * B A (peft's
+        operations, in fp32). B0 and A0 are kept to convert the trained adapter to plain LoRA."""
+        stored = self.base.weight
+        weight = self.base_weight().to(torch.float32)  # (out, in)
+        if init == "pissa":
+            weight_a, weight_b = svd_factors(weight.data, self.r, self.scale)
+        else:
+            q, r = torch.linalg.qr(weight.data)
+            weight_a, weight_b = _padded(r[: self.r].contiguous(), q[:, : self.r].contiguous(), self.r)
+        residual = weight - self.scale * weight_b @ weight_a
+        stored.data = self._stored(residual).to(stored.dtype)
+        self.lora_A.weight.data = weight_a.to(self.lora_A.weight.dtype)
+        self.lora_B.weight.data = weight_b.to(self.lora_B.weight.dtype)
+        self.register_buffer("initial_A", self.lora_A.weight.detach().clone(), persistent=False)
+        self.register_buffer("initial_B", self.lora_B.weight.detach().clone(), persistent=False)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The adapter as saved: PiSSA / OLoRA converted to plain LoRA on the original weights,
+        [B, -B0] [A; A0] (rank 2r); other inits as they are."""
+        tensors = {name: self.get_parameter(name) for name in self.adapter_parameter_names}
+        if not hasattr(self, "initial_A"):
+            return tensors
+        return {**tensors, "lora_A.weight": torch.cat([self.lora_A.weight, self.initial_A], dim=0),
+                "lora_B.weight": torch.cat([self.lora_B.weight, -self.initial_B], dim=1)}
+
+    @torch.no_grad()
+    def restore_base(self) -> None:
+        """Unmerged PiSSA / OLoRA: give the base back its original weight, W_res + scale * B0 A0."""
+        if hasattr(self, "initial_A") and not self.merged:
+            weight = self.base_weight().float() + self.scale * self.initial_B.float() @ self.initial_A.float()
+            self.base.weight.data = self._stored(weight).to(self.base.weight.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """scale * B @ A, shape (out, in), in the adapter's dtype."""
@@ -271,6 +329,40 @@ class LoRALinear(nn.Module):
         return f"r={self.r}, scale={self.scale:g}{dora}, merged={self.merged}"
 
 
+def svd_factors(matrix: torch.Tensor, r: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with scale * B A the best rank-r approximation of `matrix` (out, in), the singular
+    values split evenly: A = sqrt(S_r / scale) V_r^T, B = U_r sqrt(S_r / scale) (peft's PiSSA)."""
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    s_r = s[:r] / scale
+    return _padded(torch.diag(torch.sqrt(s_r)) @ vh[:r], u[:, :r] @ torch.diag(torch.sqrt(s_r)), r)
+
+
+def _padded(weight_a: torch.Tensor, weight_b: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A (k, in), B (out, k) grown to rank r with zero rows and columns, where r exceeds min(out, in) = k."""
+    k = weight_a.shape[0]
+    if k == r:
+        return weight_a, weight_b
+    return (torch.cat([weight_a, weight_a.new_zeros(r - k, weight_a.shape[1])]),
+            torch.cat([weight_b, weight_b.new_zeros(weight_b.shape[0], r - k)], dim=1))
+
+
+@torch.no_grad()
+def loftq(weight: torch.Tensor, r: int, scale: float, iterations: int,
+          round_trip) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoftQ (Li et al., 2024, algorithm 1): T times, Q_t = round_trip(W - scale * B A), then
+    scale * B A = the rank-r SVD of W - Q_t. Returns (the weight whose 4-bit round trip is Q_T,
+    A, B). peft factors the SVD as B A without the scale, so its start equals this one only
+    when alpha = r."""
+    weight = weight.to(torch.float32)
+    residual = weight
+    for step in range(iterations):
+        quantized = round_trip(residual)
+        weight_a, weight_b = svd_factors(weight - quantized, r, scale)
+        if step + 1 < iterations:
+            residual = weight - scale * weight_b @ weight_a
+    return residual, weight_a, weight_b
+
+
 def dequantized_linear(layer: Linear4bit) -> nn.Linear:
     """A plain `nn.Linear` holding a 4-bit layer's dequantised weight (and its bias)."""
     weight = layer.dequantized_weight()
@@ -300,11 +392,41 @@ class LoRAMethod:
         if cfg.quantize == "nf4":
             from peftkit.qlora import quantize_layers
 
+            if cfg.init == "loftq":
+                return self._apply_loftq(model, cfg, names)
             quantize_layers(model, names, cfg.blocksize, cfg.double_quant)
         for name in names:
             base = model.get_submodule(name)
             replace_module(model, name, self.module_class(
                 base, cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora, cfg.init))
+        return model
+
+    def _apply_loftq(self, model: nn.Module, cfg: LoRAConfig, names: list[str]) -> nn.Module:
+        """QLoRA with LoftQ: each quantisable layer's adapter from its full-precision weight, its
+        base the 4-bit codes of LoftQ's last residual; layers left in full precision start as LoRA."""
+        from peftkit.nf4 import dequantize_nf4, quantize_nf4
+        from peftkit.qlora import quantize_layers, will_quantize
+
+        def round_trip(weight: torch.Tensor) -> torch.Tensor:
+            return dequantize_nf4(*quantize_nf4(weight.contiguous(), cfg.blocksize, cfg.double_quant)).float()
+
+        starts = {}
+        for name in names:
+            if not will_quantize(model, name, cfg.blocksize):
+                continue
+            base = model.get_submodule(name)
+            conv = isinstance(base, Conv1D)
+            weight = base.weight.T if conv else base.weight
+            last, weight_a, weight_b = loftq(weight, cfg.r, cfg.scale, cfg.loftq_iter, round_trip)
+            base.weight.data = (last.T.contiguous() if conv else last).to(base.weight.dtype)
+            starts[name] = (weight_a, weight_b)
+        quantize_layers(model, names, cfg.blocksize, cfg.double_quant)
+        for name in names:
+            layer = self.module_class(model.get_submodule(name), cfg.r, cfg.alpha, cfg.dropout, cfg.rslora, cfg.dora)
+            if name in starts:
+                layer.lora_A.weight.data, layer.lora_B.weight.data = (
+                    t.to(layer.lora_A.weight.dtype) for t in starts[name])
+            replace_module(model, name, layer)
         return model
 
     def merge(self, model: nn.Module) -> None:
@@ -325,6 +447,7 @@ class LoRAMethod:
         """Put the base layers back (merged or not), leaving a plain transformers model."""
         for name, module in list(model.named_modules()):
             if isinstance(module, LoRALinear):
+                module.restore_base()
                 replace_module(model, name, module.base)
         return model
 
@@ -336,15 +459,24 @@ class LoRAMethod:
         targets = cfg.target_modules
         if targets == ALL_LINEAR:  # peft saves the expanded names
             targets = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, LoRALinear)})
+        r, alpha, init = cfg.r, cfg.alpha, "gaussian" if cfg.init == "gaussian" else True
+        if cfg.init in BASE_INITS:  # saved converted to plain LoRA of rank 2r (saved_tensors), at the same scale
+            r, alpha = 2 * r, alpha * (math.sqrt(2) if cfg.rslora else 2)
+        extra = {}
+        if cfg.quantize:
+            quantization = {"quant_type": "nf4", "blocksize": cfg.blocksize, "double_quant": cfg.double_quant}
+            if cfg.init == "loftq" and cfg.loftq_iter > 1:  # the base is LoftQ's, not NF4(W): loaders replay it
+                quantization["loftq_iter"] = cfg.loftq_iter
+                init, extra = "loftq", {"loftq_config": {"loftq_bits": 4, "loftq_iter": cfg.loftq_iter}}
+            extra["peftkit"] = {"base_quantization": quantization}
         return {
-            "peft_type": self.peft_type, "task_type": "CAUSAL_LM", "r": cfg.r, "lora_alpha": cfg.alpha,
+            "peft_type": self.peft_type, "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
             "lora_dropout": cfg.dropout, "target_modules": targets, "use_rslora": cfg.rslora,
-            "use_dora": cfg.dora, "init_lora_weights": "gaussian" if cfg.init == "gaussian" else True,
+            "use_dora": cfg.dora, "init_lora_weights": init,
             "bias": "none", "fan_in_fan_out": any(m.fan_in_fan_out for m in self.modules(model)),
             "modules_to_save": None, "layers_to_transform": None,
             "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
-        } | ({"peftkit": {"base_quantization": {"quant_type": "nf4", "blocksize": cfg.blocksize,
-                                                 "double_quant": cfg.double_quant}}} if cfg.quantize else {})
+        } | extra
 
     def from_peft_config(self, peft: dict) -> LoRAConfig:
         unsupported = {
@@ -359,9 +491,19 @@ class LoRAMethod:
                                    f"re-save the adapter without it")
         init = peft.get("init_lora_weights", True)
         quantization = (peft.get("peftkit") or {}).get("base_quantization") or {}
+        if str(init).startswith("pissa_niter"):  # a randomised SVD: the residual base cannot be rebuilt exactly
+            raise AdapterError(f"this adapter was saved with init_lora_weights={init!r}: save it converted to plain "
+                               f"LoRA (peft's path_initial_model_for_weight_conversion) and load that")
+        loftq_iter = quantization.get("loftq_iter", 1)
+        if init == "loftq" and not quantization:
+            raise AdapterError("this LoftQ adapter has no peftkit base_quantization record: load it with peft, "
+                               "which rebuilds its base")
         return LoRAConfig(
+            # peft's own PiSSA / OLoRA adapters: the residual base is rebuilt from W, as peft does on load
+            init=init if init in BASE_INITS else "loftq" if loftq_iter > 1 else "gaussian" if init == "gaussian"
+            else "default", loftq_iter=loftq_iter,
             quantize="nf4" if quantization.get("quant_type") == "nf4" else None,
             blocksize=quantization.get("blocksize", 64), double_quant=quantization.get("double_quant", True),
             r=peft["r"], alpha=peft.get("lora_alpha", 8), dropout=peft.get("lora_dropout", 0.0),
             target_modules=peft["target_modules"], rslora=bool(peft.get("use_rslora", False)),
-            dora=bool(peft.get("use_dora", False)), init="gaussian" if init == "gaussian" else "default")
+            dora=bool(peft.get("use_dora", False)))

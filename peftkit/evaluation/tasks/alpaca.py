@@ -49,7 +49,9 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: AlpacaSpec, 
     _, heldout = split_heldout(len(records), spec.heldout_fraction, spec.split_seed)
     scored = heldout[:limit]
     examples = [chat_example(tokenizer, alpaca_chat(records[i]), spec.max_length) for i in scored]
-    total, tokens = completion_loss(model, examples, pad_id(tokenizer), spec.batch_size, spec.name, progress)
+    rows: list = []
+    total, tokens = completion_loss(model, examples, pad_id(tokenizer), spec.batch_size, spec.name, progress,
+                                    per_example=rows)
     loss = total / tokens if tokens else float("nan")
     details = {
         "split": (f"split_heldout({len(records)}, fraction={spec.heldout_fraction}, seed={spec.split_seed}): "
@@ -59,4 +61,5 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: AlpacaSpec, 
         "loss_unit": "nats per scored token, averaged over all scored tokens",
     }
     return TaskResult(metrics={"loss": loss, "perplexity": math.exp(loss) if tokens else float("nan")},
-                      n=len(scored), details=details)
+                      n=len(scored), details=details,
+                      scores={"nll": [nats for nats, _ in rows], "tokens": [count for _, count in rows]})

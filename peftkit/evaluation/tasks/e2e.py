@@ -69,4 +69,18 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: E2ESpec, lim
     }
     examples = [{"mr": mr, "prediction": pred, "reference": refs[0]}
                 for (mr, refs), pred in zip(groups[:3], predictions)]
-    return TaskResult(metrics=metrics, n=len(groups), details=details, examples=examples)
+    return TaskResult(metrics=metrics, n=len(groups), details=details, examples=examples,
+                      scores=e2e_scores(predictions, references, spec.bleu_tokenize))
+
+
+def e2e_scores(predictions: list[str], references: list[list[str]], tokenize: str) -> dict[str, list]:
+    """Per meaning representation: its BLEU and chrF statistics and its best-reference ROUGE-L."""
+    from rouge_score import rouge_scorer
+
+    from peftkit.stats import bleu_statistics, chrf_statistics
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    rouge = [max(scorer.score(ref, pred)["rougeL"].fmeasure for ref in refs) for pred, refs in zip(predictions, references)]
+    return {"bleu_stats": bleu_statistics(predictions, references, tokenize),
+            "chrf_stats": chrf_statistics(predictions, references), "rougeL": rouge,
+            "prediction": list(predictions)}

@@ -101,4 +101,7 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: Gsm8kSpec, l
     }
     examples = [{"question": rows[i]["question"], "output": out, "predicted": p, "gold": g}
                 for i, out, p, g in zip(evaluated[:3], outputs, predicted, gold)]
-    return TaskResult(metrics=metrics, n=len(evaluated), details=details, examples=examples)
+    correct = [int(p is not None and p == g) for p, g in zip(predicted, gold)]
+    return TaskResult(metrics=metrics, n=len(evaluated), details=details, examples=examples,
+                      scores={"correct": correct, "exact_match": correct, "answer_found": [int(p is not None)
+                                                                                         for p in predicted]})

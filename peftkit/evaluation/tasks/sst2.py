@@ -75,7 +75,12 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: Sst2Spec, li
     examples = [{"text": text, "label": label, "prediction": pred,
                  "logprobs": {spec.labels[k]: round(float(s), 4) for k, s in zip(order, row)}}
                 for (text, label), pred, row in zip(rows[:3], predictions, scores[:3].tolist())]
-    return TaskResult(metrics=metrics, n=len(rows), details=details, examples=examples)
+    return TaskResult(metrics=metrics, n=len(rows), details=details, examples=examples,
+                      scores=per_example(predictions, [label for _, label in rows]))
+
+
+def per_example(predictions: list[int], labels: list[int]) -> dict[str, list]:
+    return {"correct": [int(p == g) for p, g in zip(predictions, labels)], "prediction": predictions, "label": labels}
 
 
 def _metrics(predictions: list[int], references: list[int]) -> dict[str, float]:
@@ -98,4 +103,5 @@ def _run_head(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: Sst2Sp
     examples = [{"text": text, "label": label, "prediction": pred,
                  "logits": [round(float(v), 4) for v in row]}
                 for (text, label), pred, row in zip(rows[:3], predictions, logits[:3].tolist())]
-    return TaskResult(metrics=metrics, n=len(rows), details=details, examples=examples)
+    return TaskResult(metrics=metrics, n=len(rows), details=details, examples=examples,
+                      scores=per_example(predictions, [label for _, label in rows]))
