@@ -16,11 +16,14 @@ $(VENV)/.installed: pyproject.toml
 
 setup: $(VENV)/.installed
 
-# The main job: LoRA on the Alpaca subset (CPU, 200 steps), held-out eval, a report.
+# The main job: LoRA on the Alpaca subset (CPU, 200 steps), held-out eval, a report with the
+# base model's answers beside the adapter's.
 # It replaces its own earlier output (runs/lora-alpaca, runs/lora-alpaca-report).
 demo: setup
 	$(VENV)/bin/peftkit train lora-alpaca --overwrite
-	$(VENV)/bin/peftkit compare runs/lora-alpaca --out runs/lora-alpaca-report --overwrite
+	$(VENV)/bin/peftkit eval smollm2-135m --tasks alpaca-heldout --limit 100 --out runs/lora-alpaca-base/eval.json
+	$(VENV)/bin/peftkit compare runs/lora-alpaca --base-eval runs/lora-alpaca-base/eval.json \
+		--out runs/lora-alpaca-report --overwrite
 
 test: setup
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

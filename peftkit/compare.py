@@ -362,7 +362,8 @@ def samples(groups: list[Group], base: dict | None, per_task: int = 3) -> dict[s
     base_examples = {task: result.get("examples") or [] for task, result in ((base or {}).get("tasks") or {}).items()}
     found = {}
     for task, prompt_key, answer_key, reference_key in (("e2e", "mr", "prediction", "reference"),
-                                                       ("gsm8k", "question", "output", "gold")):
+                                                       ("gsm8k", "question", "output", "gold"),
+                                                       ("alpaca-heldout", "instruction", "output", "reference")):
         entries = [(g.name, g.first.examples.get(task, [])) for g in groups]
         if base_examples.get(task):
             entries.insert(0, ("base model", base_examples[task]))

@@ -35,6 +35,8 @@ def test_task_scores_recompute_their_metrics():
     assert len(report["tasks"]["sst2"]["scores"]["correct"]) == 12
     assert len(report["tasks"]["alpaca-heldout"]["scores"]["nll"]) == 12
     assert stats.supports("bleu", report["tasks"]["e2e"]["scores"])
+    answers = report["tasks"]["alpaca-heldout"]["examples"]  # a few held-out instructions answered, for a look
+    assert len(answers) == 3 and all(a["instruction"] and isinstance(a["output"], str) for a in answers)
 
 
 def test_bootstrap_interval_matches_the_binomial():
