@@ -89,7 +89,7 @@ def peft_config(cfg: Any, model: nn.Module) -> Any:
     if isinstance(method, LayerMethod):  # our saved config is peft's schema: build peft's config from it
         cfg = dataclasses.replace(cfg, target_modules=family_targets(model, cfg.target_modules))
         fields = {**method.to_peft_config(cfg, model), "task_type": task_type, "inference_mode": False}
-        fields.pop("fan_in_fan_out")  # peft sets it per layer type
+        fields.pop("fan_in_fan_out", None)  # peft sets it per layer type
         return peft.get_peft_config(fields)
     raise ConfigError(f"impl: peft has no counterpart for method {cfg.method!r}: use impl: peftkit")
 

@@ -145,6 +145,7 @@ class LayerMethod:
     mergeable: ClassVar[bool] = True
     padding_free: ClassVar[bool] = True  # trains on packed rows: the layers see only the model's own tokens
     supported_bases: ClassVar[tuple[type, ...]] = (nn.Linear, Conv1D)
+    has_fan_in_fan_out: ClassVar[bool] = True  # peft's config has the field (LoHa's and LoKr's do not)
 
     def build(self, base: nn.Module, cfg: Any, name: str, model: nn.Module) -> AdapterLayer:
         raise NotImplementedError(f"{type(self).__name__} must say how to build its layer")
@@ -199,9 +200,11 @@ class LayerMethod:
         return {}
 
     def to_peft_config(self, cfg: Any, model: nn.Module) -> dict:
-        return {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "target_modules": self.saved_targets(cfg, model),
-                "fan_in_fan_out": any(m.fan_in_fan_out for m in self.modules(model)), "modules_to_save": None,
-                "inference_mode": True, **self.peft_fields(cfg, model)}
+        fields = {"peft_type": self.peft_type, "task_type": "CAUSAL_LM", "target_modules": self.saved_targets(cfg, model),
+                  "modules_to_save": None, "inference_mode": True, **self.peft_fields(cfg, model)}
+        if self.has_fan_in_fan_out:
+            fields["fan_in_fan_out"] = any(m.fan_in_fan_out for m in self.modules(model))
+        return fields
 
 
 def reject_unsupported(peft: dict, unsupported: dict[str, tuple]) -> None:

@@ -79,6 +79,7 @@ class LycorisMethod(LayerMethod):
     """LoHa's and LoKr's protocol: the shared peft fields; subclasses add their own."""
 
     supported_bases: ClassVar[tuple[type, ...]] = (nn.Linear,)  # as peft's LoHa / LoKr: no GPT-2 Conv1D
+    has_fan_in_fan_out = False  # LoHaConfig / LoKrConfig have no such field (peft warns on an unknown key)
 
     def peft_fields(self, cfg: object, model: nn.Module) -> dict:
         return {"r": cfg.r, "alpha": cfg.alpha, "rank_dropout": cfg.rank_dropout, "module_dropout": cfg.module_dropout,
