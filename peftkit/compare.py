@@ -177,6 +177,12 @@ class Group:
     name: str
     runs: list[RunSummary]
     index: int  # colour
+    cache: dict = field(default_factory=dict)  # bootstrap results: each table and plot reads them again
+
+    def cached(self, key: tuple, compute):
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
 
     @property
     def first(self) -> RunSummary:
@@ -215,6 +221,10 @@ def reference_group(groups: list[Group]) -> Group | None:
 def interval(group: Group, metric: str) -> stats.Interval | None:
     """The metric's mean over seeds with its 95 % interval (over examples and seeds), or the plain
     mean and spread where the runs stored no per-example statistics."""
+    return group.cached(("interval", metric), lambda: _interval(group, metric))
+
+
+def _interval(group: Group, metric: str) -> stats.Interval | None:
     task, name = metric.split("/", 1)
     scores = group.scores(task)
     if scores and all(stats.supports(name, s) for s in scores):
@@ -230,6 +240,10 @@ def significance(group: Group, reference: Group | None, metric: str) -> stats.In
     """The difference to the reference with its paired 95 % interval, where both stored statistics."""
     if reference is None or group is reference:
         return None
+    return group.cached(("difference", reference.name, metric), lambda: _significance(group, reference, metric))
+
+
+def _significance(group: Group, reference: Group, metric: str) -> stats.Interval | None:
     task, name = metric.split("/", 1)
     ours, theirs = group.scores(task), reference.scores(task)
     if not (ours and theirs and all(stats.supports(name, s) for s in ours + theirs)):
@@ -243,6 +257,10 @@ def significance(group: Group, reference: Group | None, metric: str) -> stats.In
 def forgetting(group: Group, base: dict | None) -> stats.Interval | str | None:
     """The rise of the held-out loss on a source outside the training mix over the base model's
     (peft's benchmark's forgetting), paired over the same examples."""
+    return group.cached(("forgetting", id(base)), lambda: _forgetting(group, base))
+
+
+def _forgetting(group: Group, base: dict | None) -> stats.Interval | str | None:
     base_scores = ((base or {}).get("tasks") or {}).get(FORGETTING_TASK, {}).get("scores")
     ours = group.scores(FORGETTING_TASK)
     if not base_scores or not ours:

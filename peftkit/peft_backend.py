@@ -133,17 +133,17 @@ class PeftAllocator:
         """peft keeps the regrown E in memory (its saved adapter drops them)."""
 
     def state(self) -> tuple[dict, dict]:
+        from peftkit.methods.adalora import scores_state
+
         ranks = self.model.base_model.rankallocator
-        tensors = {}
-        for label, scores in (("ipt", ranks.ipt), ("avg_ipt", ranks.exp_avg_ipt), ("avg_unc", ranks.exp_avg_unc)):
-            tensors.update({f"{label}.{k}": v for k, v in scores.items()})
-        return tensors, {"rank_pattern": self.config.rank_pattern}
+        return scores_state(ranks.ipt, ranks.exp_avg_ipt, ranks.exp_avg_unc), {"rank_pattern": self.config.rank_pattern}
 
     def load_state(self, tensors: dict, meta: dict) -> None:
+        from peftkit.methods.adalora import load_scores
+
         ranks = self.model.base_model.rankallocator
         ranks.reset_ipt()
-        for label, scores in (("ipt", ranks.ipt), ("avg_ipt", ranks.exp_avg_ipt), ("avg_unc", ranks.exp_avg_unc)):
-            scores.update({k[len(label) + 1:]: v.clone() for k, v in tensors.items() if k.startswith(label + ".")})
+        load_scores(tensors, ranks.ipt, ranks.exp_avg_ipt, ranks.exp_avg_unc)
         self.config.rank_pattern = meta["rank_pattern"]
 
 
@@ -158,16 +158,12 @@ def peft_regularization(model: nn.Module):
     config = model.peft_config["default"]
     if type(config).__name__ != "AdaLoraConfig" or config.orth_reg_weight == 0:
         return None
-    import torch
+    from peftkit.methods.adalora import orthogonal_penalty
 
     def penalty(model: nn.Module):
-        total, count = 0, 0
-        for name, p in model.named_parameters():
-            if ("lora_A" in name or "lora_B" in name) and "default" in name:
-                cov = p @ p.T if "lora_A" in name else p.T @ p
-                total = total + torch.norm(cov - torch.eye(*cov.size(), out=torch.empty_like(cov)), p="fro")
-                count += 1
-        return config.orth_reg_weight * (total / count) if count else None
+        layers = [m for m in model.modules() if hasattr(m, "lora_E") and "default" in m.lora_A]
+        return orthogonal_penalty(((m.lora_A["default"], m.lora_B["default"]) for m in layers),
+                                  config.orth_reg_weight)
 
     return penalty
 

@@ -177,19 +177,39 @@ class AdaLoRAMethod(LayerMethod):
 
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
         """orth_reg_weight times the mean Frobenius norm of A A^T - I and B^T B - I over the layers (peft's form)."""
-        weight = model.peftkit_config.orth_reg_weight
-        if weight == 0:
-            return None
-        total, count = 0, 0
-        for module in self.modules(model):
-            for cov in (module.lora_A @ module.lora_A.T, module.lora_B.T @ module.lora_B):  # both (r, r)
-                eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
-                total = total + torch.norm(cov - eye, p="fro")
-                count += 1
-        return weight * (total / count) if count else None
+        pairs = ((m.lora_A, m.lora_B) for m in self.modules(model))
+        return orthogonal_penalty(pairs, model.peftkit_config.orth_reg_weight)
 
     def allocator(self, model: nn.Module) -> "RankAllocator":
         return RankAllocator(model, model.peftkit_config)
+
+
+def orthogonal_penalty(pairs, weight: float) -> torch.Tensor | None:
+    """weight times the mean Frobenius norm of A A^T - I and B^T B - I over the (A, B) pairs, summed
+    in peft's order (A, then B, layer by layer); None for weight 0 or no pairs."""
+    if weight == 0:
+        return None
+    total, count = 0, 0
+    for weight_a, weight_b in pairs:
+        for cov in (weight_a @ weight_a.T, weight_b.T @ weight_b):  # both (r, r)
+            eye = torch.eye(*cov.size(), out=torch.empty_like(cov))
+            total = total + torch.norm(cov - eye, p="fro")
+            count += 1
+    return weight * (total / count) if count else None
+
+
+SCORES = ("ipt", "avg_ipt", "avg_unc")  # checkpoint labels of the three score dicts
+
+
+def scores_state(*scores: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The allocator's score dicts (sensitivity, its average, the uncertainty) as one flat tensor dict."""
+    return {f"{label}.{k}": v for label, found in zip(SCORES, scores) for k, v in found.items()}
+
+
+def load_scores(tensors: dict[str, torch.Tensor], *scores: dict[str, torch.Tensor]) -> None:
+    """Fill the (emptied) score dicts back from `scores_state`'s tensors."""
+    for label, found in zip(SCORES, scores):
+        found.update({k[len(label) + 1:]: v.clone() for k, v in tensors.items() if k.startswith(label + ".")})
 
 
 class RankAllocator:
@@ -298,15 +318,11 @@ class RankAllocator:
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON) to resume from: the scores and the masks."""
-        tensors = {}
-        for label, scores in (("ipt", self.ipt), ("avg_ipt", self.exp_avg_ipt), ("avg_unc", self.exp_avg_unc)):
-            tensors.update({f"{label}.{k}": v for k, v in scores.items()})
-        return tensors, {"rank_mask": {name: m.rank_mask for name, m in self.layers.items()}}
+        return scores_state(self.ipt, self.exp_avg_ipt, self.exp_avg_unc), {"rank_mask": {name: m.rank_mask for name, m in self.layers.items()}}
 
     @torch.no_grad()
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         self.reset_scores()
-        for label, scores in (("ipt", self.ipt), ("avg_ipt", self.exp_avg_ipt), ("avg_unc", self.exp_avg_unc)):
-            scores.update({k[len(label) + 1:]: v.clone() for k, v in tensors.items() if k.startswith(label + ".")})
+        load_scores(tensors, self.ipt, self.exp_avg_ipt, self.exp_avg_unc)
         for name, mask in meta["rank_mask"].items():
             self.layers[name].rank_mask = mask
