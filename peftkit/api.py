@@ -14,7 +14,7 @@ from peftkit.errors import AdapterError, ConfigError
 from peftkit.heads import mark_heads, trained_heads, unmark_heads
 from peftkit.nf4 import Linear4bit
 from peftkit.presets import build_config, load_preset
-from peftkit.protocol import METHODS, adapter_parameters, method_of
+from peftkit.protocol import METHODS, adapter_parameters, method_of, one_adapter
 
 
 def resolve_adapter(spec: str | Path | Mapping[str, Any] | Any, **overrides: Any) -> Any:
@@ -30,29 +30,46 @@ def resolve_adapter(spec: str | Path | Mapping[str, Any] | Any, **overrides: Any
     return build_config(METHODS[method].config_class, values)
 
 
-def apply_adapter(model: nn.Module, spec: str | Path | Mapping[str, Any] | Any = "lora", **overrides: Any) -> nn.Module:
+def apply_adapter(model: nn.Module, spec: str | Path | Mapping[str, Any] | Any = "lora", *, name: str | None = None,
+                  overwrite: bool = False, **overrides: Any) -> nn.Module:
     """Inject an adapter in place, freeze the base, and return the model.
 
     A classification model's fresh head (`classifier` / `score`) is trained fully too (peft's
     `modules_to_save`); the task comes from the model's class.
+
+    The first adapter is named `default` (or `name`) and trains. An adapter added beside
+    others (`name` required) is frozen until `set_adapter` makes it the active one, as in peft.
 
     Args:
         model: a transformers model (from `load_model` or elsewhere): causal LM, seq-cls,
             token-cls or seq2seq.
         spec: a preset name from `adapters/` (`lora`, `lora-all`, `dora`), a path to a YAML
             preset, a mapping of fields, or a config object.
+        name: the adapter's name (see `peftkit.named`).
+        overwrite: replace an adapter of that name.
         **overrides: fields that replace the preset's, e.g. `r=16`.
 
     Returns:
-        The same model; only the adapter's parameters have `requires_grad`.
+        The same model; only the active adapter's parameters have `requires_grad`.
 
     Raises:
         ConfigError: unknown preset or key, or an invalid value.
-        AdapterError: the model already has an adapter, or the targets match nothing.
+        AdapterError: a second adapter without a new name, one that cannot share the base, or
+            targets that match nothing.
     """
-    if getattr(model, "peftkit_config", None) is not None:
-        raise AdapterError("this model already has an adapter: load a fresh base model to apply another")
+    from peftkit import named
+
+    existing = named.names(model)
+    if existing and name is None:
+        raise AdapterError(f"this model already has an adapter ({', '.join(existing)}): pass name= to add another "
+                           f"beside it, or load a fresh base model")
+    named.check_new_name(model, name or named.DEFAULT, overwrite)
     cfg = resolve_adapter(spec, **overrides)
+    if name in existing:
+        named.delete_adapter(model, name)
+        existing = named.names(model)
+    if existing:
+        return named.add_adapter(model, cfg, name)
     METHODS[cfg.method].apply(model, cfg)  # validates targets before it replaces anything
     mark_heads(model)
     for param in model.parameters():
@@ -61,13 +78,34 @@ def apply_adapter(model: nn.Module, spec: str | Path | Mapping[str, Any] | Any =
         param.requires_grad_(True)
     model.train(model.training)  # new modules follow the model's mode (no dropout in eval)
     model.peftkit_config = cfg
+    model.peftkit_adapters, model.peftkit_active = {name or named.DEFAULT: cfg}, name or named.DEFAULT
+    if not isinstance(METHODS[cfg.method], named.VIRTUAL_METHODS):  # those reject adapter_names themselves
+        named.install_rows_hook(model)
     return model
 
 
-def adapter_config(model: nn.Module) -> Any:
-    """The config of the model's adapter."""
+def adapter_config(model: nn.Module, name: str | None = None) -> Any:
+    """The config of the model's adapter (`name`: one of several; default: the active one)."""
     method_of(model)
-    return model.peftkit_config
+    if name is None:
+        return model.peftkit_config
+    from peftkit.named import check_name
+
+    check_name(model, name)
+    return model.peftkit_adapters[name]
+
+
+def unload_all(model: nn.Module) -> nn.Module:
+    """Remove every adapter (a merged one stays merged), leaving the plain transformers model."""
+    from peftkit.named import collapse, remove_rows_hook
+
+    method = method_of(model)
+    collapse(model)  # the active adapter's layers stay in the tree; the others' are dropped
+    method.unload(model)
+    unmark_heads(model)
+    remove_rows_hook(model)
+    model.peftkit_config = model.peftkit_adapters = model.peftkit_active = None
+    return model
 
 
 def trainable_parameters(model: nn.Module) -> tuple[int, int]:
@@ -110,17 +148,20 @@ def merge_adapter(model: nn.Module, unload: bool = False) -> nn.Module:
         AdapterError: already merged, or the method cannot merge.
     """
     method = method_of(model)
-    method.merge(model)
+    if len(getattr(model, "peftkit_adapters", None) or ()) > 1 and any(isinstance(m, Linear4bit) for m in model.modules()):
+        raise AdapterError("merging one of several adapters into a 4-bit base is not supported: delete_adapter the "
+                           "others first, or load the adapter alone onto a fresh base")
+    with one_adapter(model):
+        method.merge(model)
     if unload:
-        method.unload(model)
-        unmark_heads(model)
-        model.peftkit_config = None
+        unload_all(model)
     return model
 
 
 def unmerge_adapter(model: nn.Module) -> nn.Module:
     """Subtract a merged adapter from the base weights again."""
-    method_of(model).unmerge(model)
+    with one_adapter(model):
+        method_of(model).unmerge(model)
     return model
 
 
@@ -139,7 +180,7 @@ def merged_for_inference(model: nn.Module) -> Iterator[bool]:
     """
     cfg = getattr(model, "peftkit_config", None)
     method = METHODS.get(cfg.method) if cfg is not None else None
-    if method is None or not method.mergeable:
+    if method is None or not method.mergeable or len(getattr(model, "peftkit_adapters", None) or ()) > 1:  # several: run them as they are
         yield False
         return
     originals = {id(p): (p, p.data) for p in model.parameters()}

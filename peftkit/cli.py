@@ -6,7 +6,8 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
-from peftkit.errors import PeftkitError
+from peftkit.combine import COMBINATIONS
+from peftkit.errors import ConfigError, PeftkitError
 
 logger = logging.getLogger("peftkit")
 
@@ -105,13 +106,34 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_merge(args: argparse.Namespace) -> None:
     from peftkit.merge import merge_to_dir
 
-    record = merge_to_dir(args.source, args.out, dtype=args.dtype, base=args.base, overwrite=args.overwrite)
+    if len(args.source) > 1 or args.combine:
+        return cmd_combine(args)
+    if args.full or args.weights or args.density is not None:
+        raise ConfigError("--full, --weights and --density combine several adapters: pass two or more sources and "
+                          "--combine (one source is always merged into a full model)")
+    record = merge_to_dir(args.source[0], args.out, dtype=args.dtype, base=args.base, overwrite=args.overwrite)
     print(f"merged {record['method']} adapter into {record['base_model']} ({record['merged_into']} weights) -> {args.out}")
     perplexity = (f"; held-out perplexity {record['perplexity_adapter']:.4f} (adapter) -> "
                   f"{record['perplexity_merged']:.4f} (merged)" if record["task"] == "causal-lm" else "")
     print(f"max |logit diff| vs adapter (fp32): {record['max_logit_diff_fp32']:.2e}{perplexity}")
     if record["warning"]:
         print(f"warning: {record['warning']}")
+
+
+def cmd_combine(args: argparse.Namespace) -> None:
+    from peftkit.merge_adapters import combine_to_dir, parse_weights
+
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    record = combine_to_dir(args.source, args.out, combination=args.combine or "linear",
+                            weights=parse_weights(args.weights, len(args.source)), density=args.density,
+                            svd_rank=args.svd_rank, full=args.full, dtype=args.dtype, overwrite=args.overwrite,
+                            evaluate=not args.no_eval, tasks=tasks, limit=args.limit)
+    kind = "plain transformers model" if args.full else "peft-format adapter"
+    print(f"combined {len(args.source)} adapters with {record['combination']} (rank {record['rank']}) -> "
+          f"{args.out} ({kind})")
+    for name, measured in record["metrics"].items():
+        for key, after in (measured.get("after") or {}).items():
+            print(f"  {name}: {key} {measured['before'].get(key, float('nan')):.2f} (source) -> {after:.2f} (combined)")
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -146,8 +168,11 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
              "  peftkit eval smollm2-135m --tasks sst2 --shots 4\n"
              "  peftkit eval runs/lora-alpaca --tasks alpaca-heldout,gsm8k\n"
              "  peftkit eval smollm2-135m --adapter runs/x/adapter --tasks e2e --sample --temperature 0.7 --seed 1"),
-    "merge": (cmd_merge, "fold an adapter into its base and write a plain transformers model",
+    "merge": (cmd_merge, "fold an adapter into its base and write a plain transformers model; or combine several "
+              "adapters into one",
               "examples:\n  peftkit merge runs/lora-alpaca --out merged/lora-alpaca\n"
+              "  peftkit merge runs/lora-sst2 runs/lora-e2e --combine ties --weights 0.5,0.5 --density 0.5 --out merged/ties\n"
+              "  peftkit merge runs/lora-sst2 runs/lora-e2e --combine linear --full --out merged/linear-model\n"
               "  peftkit merge runs/qlora-alpaca --out merged/q --dtype bf16\n"
               "  peftkit merge runs/qlora-alpaca --out merged/q-orig --base original   # the QLoRA merge gap"),
     "export": (cmd_export, "write a model, or an adapter merged into its base, as a GGUF file, and check it",
@@ -193,8 +218,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", help="fp32, bf16 or fp16; unset: fp32 on CPU, bf16 on CUDA")
     ev.add_argument("--device", help="cpu or cuda; unset: cuda when available")
     merge = sub.choices["merge"]
-    merge.add_argument("source", metavar="RUN_OR_ADAPTER", help="a run directory or an adapter directory")
-    merge.add_argument("--out", required=True, help="directory for the merged model")
+    merge.add_argument("source", metavar="RUN_OR_ADAPTER", nargs="+",
+                       help="a run or adapter directory; several: combine their adapters into one")
+    merge.add_argument("--out", required=True, help="directory for the merged model (or the combined adapter)")
+    merge.add_argument("--combine", choices=COMBINATIONS, help="how to combine several adapters; unset: linear")
+    merge.add_argument("--weights", help="one weight per adapter, e.g. 0.5,0.5; unset: equal weights")
+    merge.add_argument("--density", type=float, help="fraction of entries kept by ties, dare_* and magnitude_prune")
+    merge.add_argument("--svd-rank", type=int, help="rank of svd combinations; unset: the largest source rank")
+    merge.add_argument("--full", action="store_true", help="write the combination merged into a plain model")
+    merge.add_argument("--tasks", help="eval tasks to measure every source on; unset: each run's recipe tasks")
+    merge.add_argument("--limit", type=int, help="with --tasks: examples per task")
+    merge.add_argument("--no-eval", action="store_true", help="skip measuring the combination")
     merge.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="dtype of the saved weights")
     merge.add_argument("--base", default="4bit", choices=["4bit", "original"],
                        help="QLoRA only: merge into the dequantised 4-bit base it was trained on, or the original")

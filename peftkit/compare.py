@@ -111,9 +111,14 @@ def summarize(run: Path) -> RunSummary:
             record = json.loads(line)
             if "loss" in record:
                 losses.append((record["step"], record["loss"]))
+    method = recipe_method(recipe) or method_name(_json(run / "adapter" / "adapter_config.json"))
+    impl = recipe.get("impl", "peftkit")
+    combined = _json(run / "adapter" / "merge.json")  # a combination of other runs' adapters (peftkit merge A B)
+    if combined.get("combination"):
+        method = f"{combined['combination']} of {' + '.join(s['name'] for s in combined.get('sources', []))}"
+        impl = "combination"
     return RunSummary(
-        name=run.name, method=recipe_method(recipe) or method_name(_json(run / "adapter" / "adapter_config.json")),
-        impl=recipe.get("impl", "peftkit"), recipe=recipe, metrics=metrics,
+        name=run.name, method=method, impl=impl, recipe=recipe, metrics=metrics,
         trainable=system.get("trainable_parameters", 0), total=system.get("total_parameters", 0),
         peak_memory_mb=system.get("peak_memory_mb", float("nan")), tokens_per_s=system.get("tokens_per_s", float("nan")),
         wall_time_s=system.get("wall_time_s", float("nan")),

@@ -26,6 +26,7 @@ from torch import nn
 from peftkit.errors import AdapterError
 from peftkit.methods import METHODS
 from peftkit.methods.virtual_tokens import VirtualTokens
+from peftkit.slots import view
 
 PEFT_PREFIX = "base_model.model."  # peft's saved keys start with this
 PROMPT_LEARNING_PREFIX = "base_model."  # ... or, with prefix and prompt tuning, with this
@@ -84,11 +85,22 @@ def module_parameters(name: str, module: nn.Module, prefix: str = PEFT_PREFIX) -
     return {f"{prefix}{name}.{pname}": module.get_parameter(pname) for pname in module.adapter_parameter_names}
 
 
-def adapter_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapter's parameters under peft's saved key names, from each module's declared names."""
-    params, prefix = {}, key_prefix(model)
-    for name, module in adapter_modules(model).items():
-        params.update(module_parameters(name, module, prefix))
+def one_adapter(model: nn.Module, name: str | None = None):
+    """A block in which the model holds only adapter `name` (default: the active one); see `peftkit.slots`."""
+    return view(model, name if name is not None else getattr(model, "peftkit_active", None))
+
+
+def adapter_parameters(model: nn.Module, name: str | None = None) -> dict[str, nn.Parameter]:
+    """The adapter's parameters under peft's saved key names, from each module's declared names.
+
+    Args:
+        name: which of several named adapters (default: the active one).
+    """
+    params = {}
+    with one_adapter(model, name):
+        prefix = key_prefix(model)
+        for path, module in adapter_modules(model).items():
+            params.update(module_parameters(path, module, prefix))
     return params
 
 
@@ -101,8 +113,17 @@ def adapter_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
     return buffers
 
 
-def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's tensors only, detached and contiguous, under peft's key names."""
+def adapter_state_dict(model: nn.Module, name: str | None = None) -> dict[str, torch.Tensor]:
+    """The adapter's tensors only, detached and contiguous, under peft's key names.
+
+    Args:
+        name: which of several named adapters (default: the active one).
+    """
+    with one_adapter(model, name):
+        return _state_dict(model)
+
+
+def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     state, prefix = {}, key_prefix(model)
     for name, module in adapter_modules(model).items():
         if hasattr(module, "peft_state_dict"):
@@ -116,14 +137,16 @@ def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> None:
-    """Copy tensors into the adapter; every key must match in name and shape.
+def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict",
+                            name: str | None = None) -> None:
+    """Copy tensors into the adapter (`name`, default: the active one); every key must match in name and shape.
 
     Raises:
         AdapterError: a missing or unexpected key, or a shape mismatch (an adapter made for
             another base model), naming the tensor and both shapes.
     """
-    params = adapter_parameters(model) | adapter_buffers(model)
+    with one_adapter(model, name):
+        params = adapter_parameters(model) | adapter_buffers(model)
     missing = sorted(params.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - params.keys())
     base = getattr(model, "peftkit_base_name", "this model")

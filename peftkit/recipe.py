@@ -111,6 +111,10 @@ class Recipe:
     # Train every run once per seed (train.seed), into <run>-seed<k>; the report shows each method's
     # mean, spread and confidence interval over them. A method may list its own seeds.
     seeds: list[int] = field(default_factory=list)
+    # Adapters combined from the trained runs, each into output/<name> and into the report:
+    # name -> {combination: linear|cat|svd|ties|dare_linear|dare_ties|magnitude_prune,
+    #          sources: [run names] (default: every run), weights: [...] (default: equal), density: 0.5}
+    combine: dict = field(default_factory=dict)
 
     @property
     def is_study(self) -> bool:
@@ -120,8 +124,10 @@ class Recipe:
     def check(self) -> None:
         """Every check that needs no model: values, the adapter preset, data file, eval tasks."""
         if self.is_study:
-            method_recipes(self)  # builds and checks every run's recipe
+            combinations(self, method_recipes(self))  # builds and checks every run's recipe and combination
             return
+        _require(not self.combine, "combine", "combines the adapters of several runs: list them under methods",
+                 self.combine)
         self._check_run()
 
     def _check_run(self) -> None:
@@ -171,7 +177,7 @@ def method_recipes(recipe: Recipe) -> dict[str, Recipe]:
     are merged, `adapter` is replaced whole), and its output is `<output>/<name>`. With `models`,
     every method runs on every model: run names are `<model>` alone, or `<model>-<method>`.
     """
-    shared = {k: v for k, v in recipe.to_dict().items() if k not in ("methods", "models", "seeds")}
+    shared = {k: v for k, v in recipe.to_dict().items() if k not in ("methods", "models", "seeds", "combine")}
     check_seeds(recipe.seeds, "seeds")
     methods = recipe.methods or {"": {}}
     for name, overrides in methods.items():
@@ -207,6 +213,35 @@ def method_recipes(recipe: Recipe) -> dict[str, Recipe]:
                 _require(name not in runs, "models", f"two runs would share the directory {name}", model)
                 runs[name] = run
     return runs
+
+
+def combinations(recipe: Recipe, runs: dict[str, Recipe]) -> dict[str, dict]:
+    """Each `combine` entry with its defaults filled in and checked: combination, sources, weights, density."""
+    from peftkit.combine import COMBINATIONS
+
+    specs = {}
+    for name, spec in recipe.combine.items():
+        key = f"combine.{name}"
+        _require(isinstance(name, str) and _run_name_ok(name), "combine", "names must be letters, digits, - and _", name)
+        _require(name not in runs, "combine", "names a trained run: give the combination a name of its own", name)
+        _require(isinstance(spec, dict), key, "expected a mapping with combination, sources, weights, density", spec)
+        unknown = sorted(set(spec) - {"combination", "sources", "weights", "density"})
+        _require(not unknown, key, "unknown keys (known: combination, sources, weights, density)", unknown)
+        combination = spec.get("combination", "linear")
+        _require(combination in COMBINATIONS, f"{key}.combination", f"use one of {', '.join(COMBINATIONS)}", combination)
+        sources = spec.get("sources", list(runs))
+        _require(isinstance(sources, list) and bool(sources) and all(s in runs for s in sources), f"{key}.sources",
+                 f"expected a list of trained runs ({', '.join(runs)})", sources)
+        weights = spec.get("weights", [1.0 / len(sources)] * len(sources))
+        _require(isinstance(weights, list) and len(weights) == len(sources) and all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights), f"{key}.weights",
+            f"expected one number per source ({len(sources)})", weights)
+        density = spec.get("density")
+        _require(density is None or (isinstance(density, (int, float)) and 0 < density <= 1), f"{key}.density",
+                 "expected a number in (0, 1]", density)
+        specs[name] = {"combination": combination, "sources": sources, "weights": [float(w) for w in weights],
+                       "density": density}
+    return specs
 
 
 def check_seeds(seeds: Any, key: str) -> None:

@@ -9,6 +9,8 @@ models, on the same data, seed and budget, then compare.
       lora-peft/
       ...
       base/eval.json   the base model on the same eval tasks (forgetting, sample outputs)
+      ties/            with `combine`: each combination of the runs' adapters (adapter/ with
+                       merge.json, eval.json, the sources' recipe.yaml)
       report/          report.md and report.html from `peftkit compare` over all of them
 
 `--resume` keeps the methods that finished, resumes the one that was interrupted from its last
@@ -17,13 +19,13 @@ process of its own, so its peak memory and speed are its own, not the previous m
 """
 
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from peftkit.errors import PeftkitError
-
-from peftkit.recipe import Recipe, method_recipes, save_resolved
+from peftkit.recipe import Recipe, combinations, method_recipes, save_resolved
 
 logger = logging.getLogger(__name__)
 
@@ -59,9 +61,32 @@ def train_methods(recipe: Recipe, *, source: str = "recipe", resume: bool = Fals
             raise PeftkitError(f"method {name} failed (exit {done.returncode}, see above): fix it and rerun with "
                                f"--resume to keep the methods that finished")
     base_eval = evaluate_base(recipe, out / "base" / "eval.json", resume)
-    report = compare([Path(run.output) for run in runs.values()], out / "report", overwrite=True,
+    combined = combine_runs(recipe, runs, resume)
+    report = compare([Path(run.output) for run in runs.values()] + combined, out / "report", overwrite=True,
                      command=command or f"peftkit train {source}", base_eval=base_eval)
     return report
+
+
+def combine_runs(recipe: Recipe, runs: dict[str, Recipe], resume: bool) -> list[Path]:
+    """Each `combine` entry: the sources' adapters combined into <output>/<name>/adapter, evaluated on
+    the recipe's tasks (eval.json), with merge.json beside them; returns the directories."""
+    from peftkit.merge_adapters import combine_to_dir
+
+    made = []
+    for name, spec in combinations(recipe, runs).items():
+        where = Path(recipe.output) / name
+        made.append(where)
+        if resume and (where / "eval.json").is_file() and (where / "adapter" / "merge.json").is_file():
+            logger.info("combination %s: finished earlier, kept", name)
+            continue
+        logger.info("combination %s: %s of %s", name, spec["combination"], ", ".join(spec["sources"]))
+        where.mkdir(parents=True, exist_ok=True)
+        sources = [Path(runs[source].output) for source in spec["sources"]]
+        combine_to_dir(sources, where / "adapter", combination=spec["combination"], weights=spec["weights"],
+                       density=spec["density"], overwrite=True)  # each source's own (the recipe's) eval tasks
+        (where / "adapter" / "eval.json").replace(where / "eval.json")
+        shutil.copyfile(sources[0] / "recipe.yaml", where / "recipe.yaml")  # the sources' shared setup
+    return made
 
 
 def evaluate_base(recipe: Recipe, path: Path, resume: bool) -> Path | None:

@@ -169,6 +169,9 @@ class VirtualTokens(nn.Module, ABC):
         return torch.cat([mask.new_ones(batch, self.num_virtual_tokens), mask], dim=1)
 
     def _before_forward(self, model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        if kwargs.get("adapter_names") is not None:
+            raise AdapterError("mixed-adapter batches (adapter_names) route rows through adapted layers, and prefix "
+                               "and prompt tuning have none: run one adapter at a time")
         return (), self.prepare(model, self.as_kwargs(self._positional, args, kwargs))
 
     def prepare(self, model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
