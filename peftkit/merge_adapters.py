@@ -17,10 +17,11 @@ from typing import Any
 
 from torch import nn
 
-from peftkit.api import merge_adapter
+from peftkit.api import merge_adapter, trainable_parameters
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.models import DTYPES, task_of_model
 from peftkit.presets import read_yaml
+from peftkit.protocol import adapter_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -162,8 +163,10 @@ def combine_to_dir(sources: list[str | Path], out: str | Path, *, combination: s
         set_adapter(model, COMBINED)
         for name in names:
             delete_adapter(model, name)
+    size = sum(p.numel() for p in adapter_parameters(model).values())
     record = {"combination": combination, "weights": weights, "density": density, "svd_rank": svd_rank,
-              "base_model": base, "rank": model.peftkit_adapters[COMBINED].r,
+              "base_model": base, "rank": model.peftkit_adapters[COMBINED].r, "parameters": size,
+              "total_parameters": trainable_parameters(model)[1],
               "sources": [{"name": n, "path": str(s), "adapter": str(d)} for n, s, d in zip(names, sources, dirs)],
               "metrics": measured}
     notes = [f"Combined by `peftkit merge` with {combination} (weights {', '.join(f'{w:g}' for w in weights)}"

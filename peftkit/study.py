@@ -18,6 +18,7 @@ checkpoint, and trains the rest; the report is rewritten at the end. Each method
 process of its own, so its peak memory and speed are its own, not the previous method's.
 """
 
+import json
 import logging
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ from pathlib import Path
 
 from peftkit.errors import PeftkitError
 from peftkit.recipe import Recipe, combinations, method_recipes, save_resolved
+from peftkit.runlock import locked
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +39,16 @@ def train_methods(recipe: Recipe, *, source: str = "recipe", resume: bool = Fals
     Raises:
         ConfigError: the output exists (without overwrite/resume), or resuming with a changed recipe.
     """
+    runs = method_recipes(recipe)
+    with locked(Path(recipe.output)):  # a second study on this output refuses at once
+        return _train_methods(recipe, runs, source=source, resume=resume, overwrite=overwrite, command=command)
+
+
+def _train_methods(recipe: Recipe, runs: dict[str, Recipe], *, source: str, resume: bool, overwrite: bool,
+                   command: str) -> Path:
     from peftkit.compare import compare
     from peftkit.train import claim_output
 
-    runs = method_recipes(recipe)
     out = Path(recipe.output)
     claim_output(out, recipe, resume=resume, overwrite=overwrite, holds="comparison")
     save_resolved(recipe, out / "recipe.yaml", source)
@@ -82,9 +90,11 @@ def combine_runs(recipe: Recipe, runs: dict[str, Recipe], resume: bool) -> list[
         logger.info("combination %s: %s of %s", name, spec["combination"], ", ".join(spec["sources"]))
         where.mkdir(parents=True, exist_ok=True)
         sources = [Path(runs[source].output) for source in spec["sources"]]
-        combine_to_dir(sources, where / "adapter", combination=spec["combination"], weights=spec["weights"],
-                       density=spec["density"], overwrite=True)  # each source's own (the recipe's) eval tasks
+        record = combine_to_dir(sources, where / "adapter", combination=spec["combination"], weights=spec["weights"],
+                                density=spec["density"], overwrite=True)  # each source's own (the recipe's) eval tasks
         (where / "adapter" / "eval.json").replace(where / "eval.json")
+        (where / "system.json").write_text(json.dumps({"trainable_parameters": record["parameters"],
+                                                       "total_parameters": record["total_parameters"]}) + "\n")
         shutil.copyfile(sources[0] / "recipe.yaml", where / "recipe.yaml")  # the sources' shared setup
     return made
 

@@ -15,6 +15,7 @@ import json
 import logging
 import platform
 import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,9 @@ from peftkit.models import load_model, task_of_model
 from peftkit.methods import METHODS
 from peftkit.protocol import load_adapter_state_dict
 from peftkit.recipe import Recipe, save_resolved
-from peftkit.trainer import (PeftkitTrainer, TaskTrainer, checkpoints, peak_memory_mb, process_peak_memory_mb,
-                             reset_peak_memory)
+from peftkit.runlock import locked
+from peftkit.trainer import (PeftkitTrainer, TaskTrainer, TrainingInterrupted, checkpoints, peak_memory_mb,
+                             process_peak_memory_mb, reset_peak_memory)
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,13 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     sources = data_sources(recipe)
     adapter_cfg = resolve_adapter(recipe.adapter, **recipe.adapter_overrides)
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or each of N data-parallel ones (joins their group)
+    with locked(out, state.is_main_process):  # a second `peftkit train` on this output refuses at once
+        return _train(recipe, state, sources, adapter_cfg, source=source, resume=resume, overwrite=overwrite)
+
+
+def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any, *, source: str, resume: bool,
+           overwrite: bool) -> Path:
+    out = Path(recipe.output)
     if state.is_main_process:
         last = prepare_output(out, recipe, resume=resume, overwrite=overwrite)
         save_resolved(recipe, out / "recipe.yaml", source)
@@ -104,6 +113,11 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
                               processing_class=tokenizer, **run_dir)
     reset_peak_memory()  # system.json's peak is training's, not loading's
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    if trainer.stopper.received is not None:
+        name = signal.Signals(trainer.stopper.received).name
+        raise TrainingInterrupted(f"{name} at step {trainer.state.global_step} of {trainer.state.max_steps}: checkpoint "
+                                  f"saved in {out / 'checkpoints'}; continue with: peftkit train {out / 'recipe.yaml'} "
+                                  f"--resume", trainer.stopper.received)
     if not trainer.args.should_save:
         return out  # other data-parallel ranks: the main process writes the run directory
     save_fn(model, out / "adapter")

@@ -17,8 +17,11 @@ import random
 import re
 import resource
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,6 +41,57 @@ CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 class TrainingDiverged(PeftkitError):
     """The loss became NaN or infinite."""
+
+
+class TrainingInterrupted(PeftkitError):
+    """SIGTERM or Ctrl-C stopped training after a checkpoint; `exit_code` is 128 + the signal."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
+class StopOnSignal(TrainerCallback):
+    """SIGTERM or SIGINT (Ctrl-C): finish the current optimizer step, save a checkpoint, stop.
+
+    A preemptible machine sends SIGTERM and waits a grace period; finishing one step and writing
+    one checkpoint (atomically: a temp directory renamed into place) fits it. A second SIGINT
+    exits at once (KeyboardInterrupt), leaving the last complete checkpoint as it was. Under data
+    parallel every process votes each step (one all-reduce of a flag), so all stop at the same step.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            raise KeyboardInterrupt
+        self.received = signum
+        logger.warning("received %s: finishing this step, then saving a checkpoint (Ctrl-C again to quit now)",
+                       signal.Signals(signum).name)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.received is not None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(self.received or 0)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop, self.received = bool(flag.item()), int(flag.item()) or None
+        if stop:
+            control.should_save = True
+            control.should_training_stop = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
 
 
 def peak_memory_mb() -> float:
@@ -153,6 +207,8 @@ class RunDirectory:
         self.load_adapter_weights_fn = load_adapter_weights
         self.remove_callback(ProgressCallback)
         self.add_callback(ProgressBar())
+        self.stopper = StopOnSignal()
+        self.add_callback(self.stopper)
         self._last_log = (time.perf_counter(), 0)
 
     def create_optimizer(self, model=None):

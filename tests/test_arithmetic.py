@@ -103,3 +103,43 @@ def test_linear_needs_equal_ranks_and_lora(saved):
         peftkit.combine_adapters(ours, ["x", "scales"], [0.5, 0.5], "cat")
     peftkit.combine_adapters(ours, ["x", "wide"], [0.5, 0.5], "cat", name="both")
     assert peftkit.adapter_config(ours, "both").r == 12
+
+
+@pytest.mark.slow
+def test_real_model_combination_and_mixed_batch_within_peft_error(smol_dir, tmp_path):
+    """SmolLM2-135M: ties / dare_ties combinations and a mixed batch against peft, each held to
+    peft's own error on the same adapters (its mixed batch against its rows run alone)."""
+    from peft import PeftModel
+
+    def smol():
+        return peftkit.load_model("smollm2-135m", dtype="fp32", device="cpu")[0].eval()
+
+    for seed, name in enumerate(("x", "y")):
+        model = peftkit.apply_adapter(smol(), "lora", r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+        randomize_adapter(model, seed=seed, std=0.02)
+        peftkit.save_adapter(model, tmp_path / name)
+    ours = smol()
+    theirs = PeftModel.from_pretrained(smol(), tmp_path / "x", adapter_name="x")
+    theirs.load_adapter(tmp_path / "y", adapter_name="y")
+    for name in ("x", "y"):
+        peftkit.load_adapter(ours, tmp_path / name, name=name)
+    x = token_batch(49152, batch=3, length=24)
+    rows = ["x", "__base__", "y"]
+    with torch.no_grad():
+        ours_mixed, theirs_mixed = ours(x, adapter_names=rows).logits, theirs(x, adapter_names=rows).logits
+        peft_error = max((theirs_mixed[i] - theirs(x[i:i + 1], adapter_names=[n]).logits[0]).abs().max().item()
+                         for i, n in enumerate(rows))
+        ours_error = max((ours_mixed[i] - ours(x[i:i + 1], adapter_names=[n]).logits[0]).abs().max().item()
+                         for i, n in enumerate(rows))
+        assert ours_error <= max(peft_error, 1e-5)
+        assert (ours_mixed - theirs_mixed).abs().max() <= max(peft_error, 1e-5)  # measured: 0.0 and peft's 0.0
+        for combination in ("ties", "dare_ties"):
+            torch.manual_seed(3)
+            theirs.add_weighted_adapter(["x", "y"], [1.0, 1.0], combination, combination_type=combination, density=0.5)
+            torch.manual_seed(3)
+            peftkit.combine_adapters(ours, ["x", "y"], [1.0, 1.0], combination, density=0.5, name=combination)
+            theirs.set_adapter(combination)
+            theirs.eval()
+            peftkit.set_adapter(ours, combination)
+            diff = (ours(x).logits - theirs(x).logits).abs().max().item()
+            assert diff <= max(peft_error, 1e-5), (combination, diff, peft_error)

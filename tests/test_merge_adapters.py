@@ -75,6 +75,8 @@ def test_recipe_combinations_equal_peft_and_measure_their_sources(study):
     report = (study / "report" / "report.md").read_text()
     assert "| ties | combination |" in report and "ties of lora-sst2 + lora-e2e" in report
     assert "| lora-sst2 | peftkit |" in report
+    system = json.loads((study / "ties" / "system.json").read_text())
+    assert system["trainable_parameters"] == json.loads((study / "lora-sst2" / "system.json").read_text())["trainable_parameters"]
 
 
 def test_cli_combines_into_an_adapter_or_a_full_model(study, tmp_path):

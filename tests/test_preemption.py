@@ -1,0 +1,70 @@
+"""Preemption and double starts, with real processes: SIGTERM mid-run checkpoints and exits with
+a resume hint, --resume then equals an uninterrupted run; a second writer of one output refuses,
+a stale lock is taken over."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from test_train import adapter_tensors, max_diff, run_cli, write_recipe
+
+
+def wait_for(condition, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise TimeoutError("the training process did not get there in time")
+        time.sleep(0.05)
+
+
+def logged_steps(run: Path) -> int:
+    path = run / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.is_file() else 0
+
+
+def test_sigterm_checkpoints_and_resume_equals_uninterrupted(tmp_path):
+    path = write_recipe(tmp_path, train={"max_steps": 12, "save_steps": 100, "logging_steps": 1})
+    straight = tmp_path / "straight"
+    proc = run_cli("train", str(path), f"output={straight}")
+    assert proc.wait(timeout=600) == 0, proc.stderr.read()
+
+    stopped = tmp_path / "stopped"
+    proc = run_cli("train", str(path), f"output={stopped}")
+    wait_for(lambda: logged_steps(stopped) >= 3)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    last = proc.stderr.read().strip().splitlines()[-1]
+    assert last.startswith("peftkit: error: SIGTERM at step") and f"peftkit train {stopped / 'recipe.yaml'} --resume" in last
+    saved = sorted((stopped / "checkpoints").glob("checkpoint-*"))
+    assert len(saved) == 1 and 3 <= int(saved[0].name.split("-")[1]) < 12  # save_steps 100: the signal's checkpoint
+    assert not (stopped / "adapter").exists() and not list((stopped / "checkpoints").glob(".*tmp"))
+
+    resumed = run_cli("train", str(stopped / "recipe.yaml"), "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert max_diff(adapter_tensors(straight), adapter_tensors(stopped)) <= 1e-5
+
+
+def test_a_second_writer_refuses_and_a_stale_lock_is_taken_over(tmp_path):
+    path = write_recipe(tmp_path, train={"max_steps": 2000, "save_steps": 5000, "logging_steps": 50})
+    out = tmp_path / "run"
+    first = run_cli("train", str(path))
+    try:
+        wait_for(lambda: logged_steps(out) >= 1)
+        second = run_cli("train", str(path), "--resume")
+        assert second.wait(timeout=120) != 0
+        message = second.stderr.read().strip().splitlines()[-1]
+        assert f"is being written by another peftkit process (pid {first.pid}" in message
+    finally:
+        first.kill()
+        first.wait()
+    lock = out.parent / f".{out.name}.lock"
+    assert lock.is_file()  # SIGKILL leaves the lock behind; its pid is gone now
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock.write_text(f"{dead.stdout.strip()}\n{os.uname().nodename}\n")
+    again = run_cli("train", str(path), "train.max_steps=2", "--overwrite")
+    assert again.wait(timeout=300) == 0, again.stderr.read()
+    assert "taking over the stale lock" in again.stderr.read()
+    assert not lock.exists() and (out / "adapter" / "adapter_config.json").is_file()
