@@ -37,8 +37,8 @@ from peftkit.methods import METHODS
 from peftkit.protocol import load_adapter_state_dict
 from peftkit.recipe import Recipe, save_resolved
 from peftkit.runlock import locked
-from peftkit.trainer import (PeftkitTrainer, TaskTrainer, TrainingInterrupted, checkpoints, peak_memory_mb,
-                             process_peak_memory_mb, reset_peak_memory)
+from peftkit.trainer import (PeftkitTrainer, TaskTrainer, TrainingInterrupted, checkpoints, latest_resumable,
+                             peak_memory_mb, process_peak_memory_mb, reset_peak_memory)
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
         save_resolved(recipe, out / "recipe.yaml", source)
     state.wait_for_everyone()
     if not state.is_main_process:
-        last = checkpoints(out / "checkpoints")[-1] if resume else None
+        last = latest_resumable(out / "checkpoints") if resume else None
 
     started = time.perf_counter()
     set_seed(recipe.train.seed)  # the adapter's random init too: same seed, same run
@@ -144,8 +144,12 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) 
     found = checkpoints(out / "checkpoints")
     if not found:
         raise ConfigError(f"--resume: {out}/checkpoints holds no checkpoint yet: rerun with --overwrite")
-    logger.info("resuming from %s", found[-1])
-    return found[-1]
+    last = latest_resumable(out / "checkpoints")
+    if last is None:
+        raise ConfigError(f"--resume: every checkpoint in {out}/checkpoints is damaged (see the warnings): rerun "
+                          f"with --overwrite")
+    logger.info("resuming from %s", last)
+    return last
 
 
 def claim_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool, holds: str = "run") -> None:

@@ -130,6 +130,32 @@ def checkpoints(directory: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing, truncated or corrupted); None if intact."""
+    weights = directory / "trainable.safetensors"
+    if not weights.is_file():  # a checkpoint of an older peftkit holds the saved adapter instead
+        weights = directory / "adapter" / "adapter_model.safetensors"
+    for path in (directory / "trainer_state.json", directory / "optimizer.json", directory / "scheduler.json",
+                 directory / "optimizer.safetensors", weights):
+        if not path.is_file():
+            return f"{path.relative_to(directory)} is missing"
+        try:
+            json.loads(path.read_text()) if path.suffix == ".json" else load_file(path)
+        except Exception as exc:  # noqa: BLE001 - any failure to read means: do not resume from it
+            return f"{path.relative_to(directory)} is unreadable ({type(exc).__name__})"
+    return None
+
+
+def latest_resumable(directory: Path) -> Path | None:
+    """The newest intact checkpoint; each newer damaged one is named in a warning and skipped."""
+    for checkpoint in reversed(checkpoints(directory)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        logger.warning("skipping %s: %s; resuming from an older checkpoint", checkpoint, problem)
+    return None
+
+
 class ProgressBar(TrainerCallback):
     """One bar over optimiser steps, with loss and tokens/s; ETA from tqdm."""
 

@@ -68,3 +68,23 @@ def test_a_second_writer_refuses_and_a_stale_lock_is_taken_over(tmp_path):
     assert again.wait(timeout=300) == 0, again.stderr.read()
     assert "taking over the stale lock" in again.stderr.read()
     assert not lock.exists() and (out / "adapter" / "adapter_config.json").is_file()
+
+
+def test_resume_skips_a_damaged_latest_checkpoint(tmp_path):
+    path = write_recipe(tmp_path, train={"max_steps": 6, "save_steps": 2, "logging_steps": 2})
+    straight = tmp_path / "straight"
+    assert run_cli("train", str(path), f"output={straight}").wait(timeout=600) == 0
+    damaged = tmp_path / "damaged"
+    assert run_cli("train", str(path), f"output={damaged}").wait(timeout=600) == 0
+    newest = damaged / "checkpoints" / "checkpoint-6"
+    weights = newest / "trainable.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a save cut short
+    for leftover in ("adapter", "system.json", "eval.json"):
+        target = damaged / leftover
+        subprocess.run(["rm", "-rf", str(target)], check=True)
+    resumed = run_cli("train", str(path), f"output={damaged}", "--resume")
+    assert resumed.wait(timeout=600) == 0
+    log = resumed.stderr.read()
+    assert f"skipping {newest}: trainable.safetensors is unreadable" in log
+    assert "resuming from" in log and "checkpoint-4" in log
+    assert max_diff(adapter_tensors(straight), adapter_tensors(damaged)) <= 1e-5
