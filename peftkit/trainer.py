@@ -43,6 +43,10 @@ class TrainingDiverged(PeftkitError):
     """The loss became NaN or infinite."""
 
 
+class CheckpointFailed(PeftkitError):
+    """A checkpoint could not be written (disk full, a file-size limit)."""
+
+
 class TrainingInterrupted(PeftkitError):
     """SIGTERM or Ctrl-C stopped training after a checkpoint; `exit_code` is 128 + the signal."""
 
@@ -232,10 +236,19 @@ class RunDirectory:
         self.save_adapter_fn = save_adapter
         self.load_adapter_weights_fn = load_adapter_weights
         self.remove_callback(ProgressCallback)
-        self.add_callback(ProgressBar())
+        self.progress = ProgressBar()
+        self.add_callback(self.progress)
         self.stopper = StopOnSignal()
         self.add_callback(self.stopper)
         self._last_log = (time.perf_counter(), 0)
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:  # an error ends the bar first, so its message starts a line of its own
+            if self.progress.bar is not None:
+                self.progress.bar.close()
+                self.progress.bar = None
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.optimizer_factory is not None:
@@ -284,6 +297,17 @@ class RunDirectory:
 
     # --- checkpoints in safetensors + JSON ----------------------------------------------------
     def _save_checkpoint(self, model, trial) -> None:
+        try:
+            self._write_checkpoint(model)
+        except OSError as exc:  # disk full, quota, file-size limit: the earlier checkpoints are untouched
+            root = Path(self.args.output_dir)
+            shutil.rmtree(root / f".checkpoint-{self.state.global_step}.tmp", ignore_errors=True)
+            last = latest_resumable(root)
+            kept = f"{last} is intact" if last else "no earlier checkpoint exists"
+            raise CheckpointFailed(f"could not write the checkpoint of step {self.state.global_step} ({exc.strerror or exc}); "
+                                   f"{kept}: free space under {root}, then rerun with --resume") from None
+
+    def _write_checkpoint(self, model) -> None:
         root = Path(self.args.output_dir)
         final = root / f"checkpoint-{self.state.global_step}"
         tmp = root / f".checkpoint-{self.state.global_step}.tmp"

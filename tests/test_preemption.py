@@ -88,3 +88,22 @@ def test_resume_skips_a_damaged_latest_checkpoint(tmp_path):
     assert f"skipping {newest}: trainable.safetensors is unreadable" in log
     assert "resuming from" in log and "checkpoint-4" in log
     assert max_diff(adapter_tensors(straight), adapter_tensors(damaged)) <= 1e-5
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(tmp_path):
+    import resource
+
+    path = write_recipe(tmp_path, train={"max_steps": 16, "save_steps": 4, "logging_steps": 1000, "save_total_limit": 5})
+    straight = tmp_path / "straight"
+    assert run_cli("train", str(path), f"output={straight}").wait(timeout=600) == 0
+    out = tmp_path / "run"
+    proc = run_cli("train", str(path))
+    wait_for(lambda: (out / "checkpoints" / "checkpoint-4").is_dir())
+    resource.prlimit(proc.pid, resource.RLIMIT_FSIZE, (4096, 4096))  # no checkpoint file past 4 KiB fits any more
+    assert proc.wait(timeout=300) == 1
+    last = proc.stderr.read().strip().splitlines()[-1]
+    assert "could not write the checkpoint of step" in last and "is intact" in last and "--resume" in last
+    assert not list((out / "checkpoints").glob(".*tmp")) and not (out / "adapter").exists()
+    resumed = run_cli("train", str(path), "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert max_diff(adapter_tensors(straight), adapter_tensors(out)) <= 1e-5
