@@ -19,7 +19,7 @@ from peftkit.combine import check_options, check_sources, combine_layer, combine
 from peftkit.errors import AdapterError
 from peftkit.methods.lora import LoRAConfig, LoRALinear
 from peftkit.named import check_name, check_new_name, delete_adapter, layers_of
-from peftkit.slots import AdapterSlots, view
+from peftkit.slots import containers, view
 
 
 def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[float], combination: str = "linear",
@@ -87,7 +87,7 @@ def combine_adapters(model: nn.Module, names: Sequence[str], weights: Sequence[f
 @torch.no_grad()
 def _fill(model: nn.Module, names: list[str], weights: list[float], name: str, rank: int, **options) -> None:
     """Each layer of the new adapter from its sources' factors, in peft's layer order (DARE's draws)."""
-    for slot in [m for m in model.modules() if isinstance(m, AdapterSlots)]:
+    for slot in containers(model).values():
         if name not in slot.layers:
             continue
         target: LoRALinear = slot.layers[name]

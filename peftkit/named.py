@@ -25,6 +25,8 @@ from peftkit.errors import AdapterError
 from peftkit.heads import trained_heads
 from peftkit.methods import METHODS, method_label
 from peftkit.methods.lora import BASE_INITS
+from peftkit.methods.prefix import PrefixMethod
+from peftkit.methods.prompt import PromptMethod
 from peftkit.methods.virtual_tokens import VirtualTokens
 from peftkit.protocol import adapter_parameters
 from peftkit.slots import BASE, AdapterSlots, containers, rows, view
@@ -33,6 +35,7 @@ from peftkit.targets import replace_module
 logger = logging.getLogger(__name__)
 
 DEFAULT = "default"
+VIRTUAL_METHODS = (PrefixMethod, PromptMethod)  # methods that change the inputs, not the layers
 
 
 @dataclass(frozen=True)
@@ -106,16 +109,6 @@ def _check_shareable(model: nn.Module, cfg: Any, name: str) -> None:
                            "model: load a fresh base model for another adapter")
     if merged(model):
         raise AdapterError("an adapter is merged into the base weights: call unmerge_adapter before adding another")
-
-
-def _method_types() -> tuple[type, ...]:
-    from peftkit.methods.prefix import PrefixMethod
-    from peftkit.methods.prompt import PromptMethod
-
-    return PrefixMethod, PromptMethod
-
-
-VIRTUAL_METHODS = _method_types()
 
 
 def ensure_containers(model: nn.Module) -> None:

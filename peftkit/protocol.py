@@ -136,27 +136,37 @@ def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def state_dict_fit(model: nn.Module, state_dict: dict[str, torch.Tensor], name: str | None = None
+                   ) -> tuple[dict[str, torch.Tensor], list[str], list[str], list[str]]:
+    """(the adapter's tensors by key, missing keys, unexpected keys, keys whose shapes differ) for
+    loading `state_dict` into adapter `name` (default: the active one)."""
+    with one_adapter(model, name):
+        params = adapter_parameters(model) | adapter_buffers(model)
+    missing = sorted(params.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - params.keys())
+    wrong = [key for key, param in params.items() if key in state_dict and state_dict[key].shape != param.shape]
+    return params, missing, unexpected, wrong
+
+
 @torch.no_grad()
 def load_adapter_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict",
                             name: str | None = None) -> None:
-    """Copy tensors into the adapter (`name`, default: the active one); every key must match in name and shape.
+    """Copy tensors into the adapter (`name`, default: the active one); every key must match in name
+    and shape, checked before anything is copied.
 
     Raises:
         AdapterError: a missing or unexpected key, or a shape mismatch (an adapter made for
             another base model), naming the tensor and both shapes.
     """
-    with one_adapter(model, name):
-        params = adapter_parameters(model) | adapter_buffers(model)
-    missing = sorted(params.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - params.keys())
+    params, missing, unexpected, wrong = state_dict_fit(model, state_dict, name)
     base = getattr(model, "peftkit_base_name", "this model")
     if missing or unexpected:
         detail = f"missing {missing[0]!r}" if missing else f"unexpected {unexpected[0]!r}"
         raise AdapterError(f"{source} does not fit {base} ({len(missing)} missing, {len(unexpected)} unexpected "
                            f"tensors; {detail}): load it onto the base model it was trained for")
+    if wrong:
+        key = wrong[0]
+        raise AdapterError(f"{source}: tensor {key} has shape {tuple(state_dict[key].shape)} but {base} expects "
+                           f"{tuple(params[key].shape)}: this adapter was made for another base model")
     for key, param in params.items():
-        tensor = state_dict[key]
-        if tensor.shape != param.shape:
-            raise AdapterError(f"{source}: tensor {key} has shape {tuple(tensor.shape)} but {base} expects "
-                               f"{tuple(param.shape)}: this adapter was made for another base model")
-        param.copy_(tensor)
+        param.copy_(state_dict[key])

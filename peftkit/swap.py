@@ -17,7 +17,7 @@ from torch import nn
 
 from peftkit.errors import AdapterError
 from peftkit.methods.lora import LoRAConfig, LoRALinear
-from peftkit.protocol import PEFT_TYPES, adapter_buffers, adapter_parameters, load_adapter_state_dict, one_adapter
+from peftkit.protocol import PEFT_TYPES, load_adapter_state_dict, one_adapter, state_dict_fit
 
 
 def swap_adapter(model: nn.Module, directory: str | Path, name: str | None = None) -> nn.Module:
@@ -64,9 +64,7 @@ def swap_adapter(model: nn.Module, directory: str | Path, name: str | None = Non
 
 def _check_fits(model: nn.Module, weights: dict[str, torch.Tensor], source: str, name: str) -> None:
     """Every tensor has its place, in shape, before anything is changed."""
-    params = adapter_parameters(model) | adapter_buffers(model)
-    extra, missing = sorted(weights.keys() - params.keys()), sorted(params.keys() - weights.keys())
-    wrong = [key for key in params.keys() & weights.keys() if params[key].shape != weights[key].shape]
+    _, missing, extra, wrong = state_dict_fit(model, weights)
     if extra or missing or wrong:
         key = (extra or missing or wrong)[0]
         raise AdapterError(f"{source} does not adapt the same layers as {name!r} ({len(extra)} extra, {len(missing)} "
