@@ -11,9 +11,6 @@ is replaced only when the caller says `overwrite=True`.
 
 import json
 import logging
-import os
-import shutil
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -24,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftkit.api import apply_adapter, trainable_parameters
+from peftkit.atomic import staged
 from peftkit.card import render_card
 from peftkit.errors import AdapterError
 from peftkit.heads import check_modules_to_save, peft_modules_to_save
@@ -75,18 +73,12 @@ def save_adapter(model: nn.Module, directory: str | Path, *, name: str | None = 
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())) and not overwrite:
         raise AdapterError(f"{directory} already exists and is not empty: choose another directory or pass "
                            f"overwrite=True (--overwrite) to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        tmp.mkdir()
+    with staged(directory) as tmp:
         for adapter in selected:
             where = tmp if len(selected) == 1 or adapter == "default" else tmp / adapter
             where.mkdir(exist_ok=True)
             with one_adapter(model, adapter):
                 _write(model, where, data, metrics, notes)
-        _replace_dir(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return directory
 
 
@@ -103,21 +95,6 @@ def _write(model: nn.Module, where: Path, data: str | None, metrics: dict[str, A
     (where / CONFIG_NAME).write_text(json.dumps(peft_config, indent=2, sort_keys=True) + "\n")
     save_file(adapter_state_dict(model), where / WEIGHTS_NAME, metadata={"format": "pt"})
     (where / "README.md").write_text(card)
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move `new` to `target`; an existing target is moved aside first and deleted last."""
-    if not target.exists():
-        os.rename(new, target)
-        return
-    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex}"
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except OSError:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
 def read_adapter_config(directory: str | Path) -> dict:

@@ -2,9 +2,13 @@
 
 import argparse
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from peftkit.combine import COMBINATIONS
 from peftkit.errors import ConfigError, PeftkitError
@@ -63,6 +67,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     from peftkit.train import train
 
     out = train(recipe, source=str(find_recipe(args.recipe)), resume=args.resume, overwrite=args.overwrite)
+    if os.environ.get("RANK", "0") != "0":
+        return  # the main process says where the run is
     print(f"adapter: {out / 'adapter'}")
     print(f"metrics: {out / 'metrics.jsonl'}")
     if (out / "eval.json").is_file():
@@ -84,15 +90,23 @@ def _train_methods(args: argparse.Namespace, recipe) -> None:
 
 
 def _relaunch(args: argparse.Namespace) -> None:
-    """Data parallel: the same command in N processes (gloo on CPU, NCCL on GPUs) via torch.distributed.run."""
-    import subprocess
+    """Data parallel (DDP or FSDP): the same command in N processes, one process group (`peftkit.launch`)."""
+    from peftkit.launch import launch
+    from peftkit.recipe import load_recipe
+    from peftkit.distributed import check_distributed
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}",
-           "-m", "peftkit", "train", args.recipe, *args.overrides]
-    cmd += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
-    done = subprocess.run(cmd)
-    if done.returncode != 0:
-        raise PeftkitError(f"data-parallel training failed (exit {done.returncode}); see the log above")
+    recipe = load_recipe(args.recipe, args.overrides)
+    check_distributed(recipe, resolve_adapter_of(recipe))  # once here, not once per process
+    argv = ["--debug"] * args.debug + ["train", args.recipe, *args.overrides]
+    code = launch(argv + ["--resume"] * args.resume + ["--overwrite"] * args.overwrite, args.nproc)
+    if code != 0:
+        raise SystemExit(code)  # the main worker has printed the one-line error
+
+
+def resolve_adapter_of(recipe):
+    from peftkit.api import resolve_adapter
+
+    return resolve_adapter(recipe.adapter, **recipe.adapter_overrides)
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -258,21 +272,79 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C raises KeyboardInterrupt: both unwind through `finally` blocks,
+    which remove the hidden temp outputs (see `peftkit.atomic`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def output_of(args: argparse.Namespace) -> Path | None:
+    """The file or directory that eval, merge or export writes; None for the other commands."""
+    if args.command == "merge":
+        return Path(args.out)
+    if args.command == "export":
+        from peftkit.export import default_path
+
+        return Path(args.out) if args.out else default_path(args.source, args.outtype)
+    if args.command == "eval":
+        from peftkit.evaluation.command import output_path
+
+        return output_path(args.target, args.out)
+    return None
+
+
+def _stamp(path: Path | None) -> tuple[int, int] | None:
+    """What identifies the output on disk now (a rename into place changes it)."""
+    if path is None:
+        return None
+    try:
+        stat = path.stat()
+    except OSError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
+def interrupted_message(command: str, signum: int, out: Path | None, written: bool) -> str:
+    """The line for a command stopped by `signum`: what it left at `out` (`written`: its output changed)."""
+    name = signal.Signals(signum).name
+    if out is None:
+        return f"{command} interrupted by {name}"
+    if written:  # the signal came while the output was being renamed into place, and waited for that
+        return f"{command} interrupted by {name} just after it wrote {out}, which is complete"
+    return f"{command} interrupted by {name}: nothing was written to {out}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, format="%(message)s", stream=sys.stderr)
+    main_process = os.environ.get("RANK", "0") == "0"  # under data parallel, the others log warnings only
+    level = logging.DEBUG if args.debug else logging.INFO if main_process else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     for noisy in ("transformers", "httpx", "urllib3", "filelock", "bitsandbytes"):  # bnb: a kernel hint at import
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.ERROR)
+    term = args.command != "train" and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if term else None  # train checkpoints on SIGTERM
+    out = before = None
     try:
+        out = output_of(args)
+        before = _stamp(out)
         COMMANDS[args.command][0](args)
     except PeftkitError as exc:
         if args.debug:
             raise
         print(f"peftkit: error: {exc}", file=sys.stderr)
         return getattr(exc, "exit_code", 1)
-    except KeyboardInterrupt:
-        print("peftkit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        written = out is not None and _stamp(out) not in (before, None)
+        print(f"peftkit: {interrupted_message(args.command, signum, out, written)}", file=sys.stderr)
+        return 128 + signum
     except Exception as exc:  # anything else is a bug: one line, the traceback with --debug
         if args.debug:
             raise
@@ -280,6 +352,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"peftkit: internal error: {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

@@ -16,7 +16,6 @@ import logging
 import os
 import shutil
 import time
-import uuid
 from pathlib import Path
 from types import ModuleType
 
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from peftkit.atomic import signals_held, temp_path
 from peftkit.errors import ConfigError, ModelError
 from peftkit.gguf_tokenizer import add_tokenizer
 from peftkit.models import load_model
@@ -81,7 +81,7 @@ def export(source: str | Path, *, fmt: str = "gguf", outtype: str = "f16", out: 
     family = family_of(model)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"  # same file system: the final move is a rename
+    work = temp_path(out)  # the file and its record are written here, then renamed into place
     try:
         work.mkdir()
         path = work / out.name
@@ -92,8 +92,9 @@ def export(source: str | Path, *, fmt: str = "gguf", outtype: str = "f16", out: 
         record["seconds"] = round(time.perf_counter() - started, 1)  # writing and checking
         record["warning"] = _warning(record)
         (work / sidecar.name).write_text(json.dumps(record, indent=2) + "\n")
-        os.replace(path, out)
-        os.replace(work / sidecar.name, sidecar)
+        with signals_held():  # the file and its record: both or neither
+            os.replace(path, out)
+            os.replace(work / sidecar.name, sidecar)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     if record["warning"]:

@@ -12,8 +12,6 @@ merge gap (the update was learned against the rounded weights).
 import json
 import logging
 import math
-import shutil
-import uuid
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import yaml
 from torch import nn
 
 from peftkit.api import merge_adapter
+from peftkit.atomic import staged
 from peftkit.checkpoint import load_adapter, read_adapter_config, read_adapter_weights
 from peftkit.data import data_root, read_rows, tokenize_rows
 from peftkit.evaluation.splits import split_heldout
@@ -132,7 +131,8 @@ def merge_to_dir(source: str | Path, out: str | Path, *, dtype: str = "fp32", ba
     record["warning"] = _fidelity_warning(record)
     if record["warning"]:
         logger.warning("merge fidelity: %s", record["warning"])
-    _save(merged, tokenizer, out, record, overwrite)
+    with staged(out) as tmp:  # all or nothing under `out`, even when interrupted
+        write_merged(merged, tokenizer, tmp, record)
     return record
 
 
@@ -193,25 +193,14 @@ def _fidelity_warning(record: dict) -> str | None:
     return None
 
 
-def _save(model: nn.Module, tokenizer, out: Path, record: dict, overwrite: bool) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
-        (tmp / "README.md").write_text(_card(record))
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+def write_merged(model: nn.Module, tokenizer, directory: Path, record: dict) -> None:
+    """A plain transformers model, its tokenizer, merge.json and a card with the record, into `directory`."""
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    (directory / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
+    (directory / "README.md").write_text(_card(record))
 
 
 def _card(record: dict) -> str:

@@ -18,6 +18,7 @@ from typing import Any
 from torch import nn
 
 from peftkit.api import merge_adapter, trainable_parameters
+from peftkit.atomic import staged
 from peftkit.errors import AdapterError, ConfigError
 from peftkit.models import DTYPES, task_of_model
 from peftkit.presets import read_yaml
@@ -143,7 +144,7 @@ def combine_to_dir(sources: list[str | Path], out: str | Path, *, combination: s
     """
     from peftkit.arithmetic import combine_adapters
     from peftkit.checkpoint import save_adapter
-    from peftkit.merge import _save
+    from peftkit.merge import write_merged
     from peftkit.named import delete_adapter, set_adapter
 
     out = Path(out)
@@ -174,15 +175,16 @@ def combine_to_dir(sources: list[str | Path], out: str | Path, *, combination: s
              + ", ".join(f"`{s}`" for s in sources) + "."]
     notes += [f"{name}: " + ", ".join(f"{k} {v['before'].get(k, float('nan')):.2f} -> {v['after'][k]:.2f}"
                                       for k in v["after"]) for name, v in measured.items() if v.get("after")]
-    if full:
-        merged = merge_adapter(model, unload=True).to(DTYPES[dtype])
-        _save(merged, tokenizer, out, {**record, "adapter": ", ".join(map(str, sources)), "dtype": dtype,
-                                       "method": f"{combination} combination", "task": task_of_model(merged),
-                                       "heldout_examples": 0}, overwrite)
-    else:
-        save_adapter(model, out, name=COMBINED, overwrite=overwrite, notes=notes,
-                     metrics={f"{n}: {k}": v for n, m in measured.items() for k, v in (m.get("after") or {}).items()})
-        (out / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
-    if report is not None:
-        (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    with staged(out) as tmp:  # the combination, merge.json and eval.json appear together or not at all
+        if full:
+            merged = merge_adapter(model, unload=True).to(DTYPES[dtype])
+            write_merged(merged, tokenizer, tmp, {**record, "adapter": ", ".join(map(str, sources)), "dtype": dtype,
+                                                  "method": f"{combination} combination",
+                                                  "task": task_of_model(merged), "heldout_examples": 0})
+        else:
+            save_adapter(model, tmp, name=COMBINED, notes=notes, metrics={
+                f"{n}: {k}": v for n, m in measured.items() for k, v in (m.get("after") or {}).items()})
+            (tmp / "merge.json").write_text(json.dumps(record, indent=2) + "\n")
+        if report is not None:
+            (tmp / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     return record

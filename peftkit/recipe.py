@@ -60,6 +60,7 @@ class TrainConfig:
     logging_steps: int = 10  # one metrics.jsonl line every N steps
     save_steps: int = 100  # checkpoint every N steps
     save_total_limit: int = 2  # keep the last K checkpoints
+    distributed: str = "ddp"  # with --nproc N: ddp (each process holds the whole model) | fsdp (FSDP2, sharded)
 
     def check(self) -> None:
         _require(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
@@ -77,6 +78,7 @@ class TrainConfig:
         _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
         _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
                  "must be auto, fp32, bf16 or fp16", self.precision)
+        _require(self.distributed in ("ddp", "fsdp"), "train.distributed", "must be ddp or fsdp", self.distributed)
 
 
 @dataclass

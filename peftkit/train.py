@@ -33,12 +33,17 @@ from peftkit.data_tasks import tokenize_classes, tokenize_seq2seq
 from peftkit.evaluation.splits import split_heldout
 from peftkit.errors import ConfigError
 from peftkit.models import load_model, task_of_model
+from peftkit.nf4 import Linear4bit
 from peftkit.methods import METHODS
 from peftkit.protocol import load_adapter_state_dict
 from peftkit.recipe import Recipe, save_resolved
 from peftkit.runlock import locked
-from peftkit.trainer import (PeftkitTrainer, TaskTrainer, TrainingInterrupted, checkpoints, latest_resumable,
-                             peak_memory_mb, process_peak_memory_mb, reset_peak_memory)
+from peftkit.distributed import (check_distributed, check_layout, follow_recipe_precision, per_process,
+                                 without_layout, wants_fsdp)
+from peftkit.sharding import resident_bytes, shard_model, trainable_state
+from peftkit.trainer import (WRITE_ERRORS, CheckpointFailed, PeftkitTrainer, TaskTrainer,
+                             TrainingInterrupted, checkpoints, latest_resumable, load_trainable, peak_memory_mb,
+                             process_peak_memory_mb, reset_peak_memory, write_reason)
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +61,8 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     out = Path(recipe.output)
     sources = data_sources(recipe)
     adapter_cfg = resolve_adapter(recipe.adapter, **recipe.adapter_overrides)
+    check_distributed(recipe, adapter_cfg)
+    follow_recipe_precision(recipe)
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or each of N data-parallel ones (joins their group)
     with locked(out, state.is_main_process):  # a second `peftkit train` on this output refuses at once
         return _train(recipe, state, sources, adapter_cfg, source=source, resume=resume, overwrite=overwrite)
@@ -65,7 +72,7 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
            overwrite: bool) -> Path:
     out = Path(recipe.output)
     if state.is_main_process:
-        last = prepare_output(out, recipe, resume=resume, overwrite=overwrite)
+        last = prepare_output(out, recipe, resume=resume, overwrite=overwrite, processes=state.num_processes)
         save_resolved(recipe, out / "recipe.yaml", source)
     state.wait_for_everyone()
     if not state.is_main_process:
@@ -74,7 +81,8 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
     started = time.perf_counter()
     set_seed(recipe.train.seed)  # the adapter's random init too: same seed, same run
     model, tokenizer = load_model(recipe.model, dtype=train_dtype(recipe.train.precision), task=recipe.task,
-                                  num_labels=recipe.num_labels)
+                                  num_labels=recipe.num_labels,  # each GPU process on its own device
+                                  device=state.device if state.device.type == "cuda" else None)
     task = task_of_model(model)
     train_set, stats = build_datasets(recipe, tokenizer, sources, task)
     if recipe.impl == "peft":
@@ -95,6 +103,9 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
     trainable = trainable_parameters(model)
     logger.info("trainable: %s / %s (%.2f%%)", f"{trainable[0]:,}", f"{trainable[1]:,}",
                 100 * trainable[0] / trainable[1])
+    sharded = wants_fsdp(recipe) and state.num_processes > 1
+    if sharded:
+        shard_model(model)
 
     # Note: LoRA-family runs train padding-free (a batch is one row, position ids restart per
     # example, so examples never attend to each other): no compute is spent on pad tokens.
@@ -104,11 +115,11 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
                "optimizer_factory": _optimizer_factory(recipe, adapter_cfg), "regularization": regularization,
                "allocator": allocator}
     if task == "causal-lm":
-        trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free), train_dataset=train_set,
+        trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free, sharded), train_dataset=train_set,
                                  processing_class=tokenizer, labels_only=recipe.impl == "peftkit", **run_dir)
     else:  # the model computes its own loss from the labels: a class id, or the target's tokens
         collator = DataCollatorWithPadding(tokenizer) if task == "seq-cls" else DataCollatorForSeq2Seq(tokenizer)
-        args = TrainingArguments(**training_arguments(recipe, out), remove_unused_columns=False)
+        args = TrainingArguments(**training_arguments(recipe, out, sharded), remove_unused_columns=False)
         trainer = TaskTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                               processing_class=tokenizer, **run_dir)
     reset_peak_memory()  # system.json's peak is training's, not loading's
@@ -118,15 +129,52 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
         raise TrainingInterrupted(f"{name} at step {trainer.state.global_step} of {trainer.state.max_steps}: checkpoint "
                                   f"saved in {out / 'checkpoints'}; continue with: peftkit train {out / 'recipe.yaml'} "
                                   f"--resume", trainer.stopper.received)
+    memory = {"peak_memory_mb_per_process": per_process(state, round(peak_memory_mb(), 1)),
+              "model_bytes_per_process": per_process(state, resident_bytes([model]))}
+    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    if quantized:
+        memory["quantized_base_bytes_per_process"] = per_process(state, resident_bytes(quantized))
+    if sharded:  # the run's last collective: every process gathers the adapter whole
+        model = unsharded(recipe, adapter_cfg, trainer, trainable_state(model))
     if not trainer.args.should_save:
         return out  # other data-parallel ranks: the main process writes the run directory
-    save_fn(model, out / "adapter")
+    save_final(save_fn, model, out)
     metrics = {"train_loss": round(result.training_loss, 4)}
     if recipe.eval.tasks:
         metrics.update(run_eval(recipe, model, tokenizer, out))
     write_card(out / "adapter", recipe, adapter_cfg, trainable, metrics)
-    write_system(out, started, trainer, stats, trainable)
+    write_system(out, started, trainer, model, stats, trainable, memory, sharded)
     return out
+
+
+def save_final(save_fn, model: torch.nn.Module, out: Path) -> None:
+    """The trained adapter into `out/adapter` (written aside, then renamed into place).
+
+    Raises:
+        CheckpointFailed: it could not be written (disk full, a file-size limit): one line naming
+            the checkpoint that `--resume` continues from (the last step's, which holds the adapter).
+    """
+    try:
+        save_fn(model, out / "adapter")
+    except WRITE_ERRORS as exc:
+        last = latest_resumable(out / "checkpoints")
+        kept = f"{last} is intact" if last else "no checkpoint was written"
+        raise CheckpointFailed(f"could not write the adapter to {out / 'adapter'} ({write_reason(exc)}); {kept}: "
+                               f"free space under {out}, then rerun with --resume") from None
+
+
+def unsharded(recipe: Recipe, adapter_cfg: Any, trainer, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The trained model unsharded, for saving and eval: the base loaded afresh on the main process
+    with the adapter applied as at the start and the trained tensors copied in; the sharded model
+    is let go first. Other processes get None."""
+    trainer.model = trainer.model_wrapped = None
+    if not trainer.args.should_save:
+        return None
+    model, _ = load_model(recipe.model, dtype=train_dtype(recipe.train.precision), task=recipe.task,
+                          num_labels=recipe.num_labels)
+    apply_adapter(model, adapter_cfg)
+    load_trainable(model, tensors, Path(recipe.output))
+    return model
 
 
 def train_dtype(precision: str) -> torch.dtype:
@@ -136,7 +184,7 @@ def train_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) -> Path | None:
+def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool, processes: int = 1) -> Path | None:
     """Guard the run directory; return the checkpoint to resume from, if any."""
     claim_output(out, recipe, resume=resume, overwrite=overwrite)
     if not resume:
@@ -148,18 +196,21 @@ def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool) 
     if last is None:
         raise ConfigError(f"--resume: every checkpoint in {out}/checkpoints is damaged (see the warnings): rerun "
                           f"with --overwrite")
+    check_layout(last, recipe, processes)
     logger.info("resuming from %s", last)
     return last
 
 
 def claim_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool, holds: str = "run") -> None:
-    """Resuming: `out` must hold the same recipe. Otherwise `out` must be empty or absent, or
-    `overwrite` given (then it is cleared); it exists afterwards."""
+    """Resuming: `out` must hold the same recipe (but for how the global batch is split: see
+    `check_layout`). Otherwise `out` must be empty or absent, or `overwrite` given (then it is
+    cleared); it exists afterwards."""
     saved = out / "recipe.yaml"
     if resume:
         if not saved.is_file():
             raise ConfigError(f"--resume: {out} holds no {holds} (no recipe.yaml): start it without --resume")
-        if yaml.safe_load(saved.read_text()) != yaml.safe_load(yaml.safe_dump(recipe.to_dict())):
+        if without_layout(yaml.safe_load(saved.read_text())) != without_layout(
+                yaml.safe_load(yaml.safe_dump(recipe.to_dict()))):
             raise ConfigError(f"--resume: the recipe differs from {saved}: resume with the same recipe and overrides")
         return
     if out.exists() and any(out.iterdir()):
@@ -234,8 +285,10 @@ def split_rows(rows: list, fmt: str, fraction: float | None) -> tuple[list, list
     return [rows[i] for i in train_idx], [rows[i] for i in held_idx]
 
 
-def training_arguments(recipe: Recipe, out: Path) -> dict[str, Any]:
-    """transformers' TrainingArguments of a recipe, shared by every task."""
+def training_arguments(recipe: Recipe, out: Path, sharded: bool = False) -> dict[str, Any]:
+    """transformers' TrainingArguments of a recipe, shared by every task. `sharded`: the Trainer
+    refuses to checkpoint a sharded model's optimizer itself; RunDirectory writes it instead, so
+    its own saving is reduced to the model (which RunDirectory replaces too)."""
     t = recipe.train
     dtype = train_dtype(t.precision)
     return dict(
@@ -248,7 +301,7 @@ def training_arguments(recipe: Recipe, out: Path) -> dict[str, Any]:
         seed=t.seed, data_seed=t.seed, logging_steps=t.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         report_to="none", include_num_input_tokens_seen="non_padding", dataloader_num_workers=0,
-        disable_tqdm=False, optim="adamw_torch")
+        disable_tqdm=False, optim="adamw_torch", save_only_model=sharded)
 
 
 def _optimizer_factory(recipe: Recipe, adapter_cfg):
@@ -264,13 +317,13 @@ def _optimizer_factory(recipe: Recipe, adapter_cfg):
     return loraplus_optimizer(ratio, recipe.impl)
 
 
-def sft_config(recipe: Recipe, out: Path, padding_free: bool = False):
+def sft_config(recipe: Recipe, out: Path, padding_free: bool = False, sharded: bool = False):
     """trl's SFTConfig: the shared arguments, and how rows are padded or packed."""
     from trl import SFTConfig
 
     d = recipe.data
     return SFTConfig(
-        **training_arguments(recipe, out), packing=d.packing, packing_strategy="bfd",
+        **training_arguments(recipe, out, sharded), packing=d.packing, packing_strategy="bfd",
         padding_free=padding_free or d.packing,
         # examples are already cut to data.max_length (keeping the end-of-turn); packing needs the row length
         max_length=d.max_length if d.packing or not padding_free else None)
@@ -303,8 +356,8 @@ def write_card(directory: Path, recipe: Recipe, cfg: Any, trainable: tuple[int, 
                                                      metrics=metrics, notes=notes))
 
 
-def write_system(out: Path, started: float, trainer: PeftkitTrainer, stats: DataStats,
-                 trainable: tuple[int, int]) -> None:
+def write_system(out: Path, started: float, trainer: PeftkitTrainer, model: torch.nn.Module, stats: DataStats,
+                 trainable: tuple[int, int], memory: dict[str, list], sharded: bool) -> None:
     import peftkit
     import transformers
     import trl
@@ -318,8 +371,10 @@ def write_system(out: Path, started: float, trainer: PeftkitTrainer, stats: Data
                      "transformers": transformers.__version__, "trl": trl.__version__, "peftkit": peftkit.__version__},
         "device": device, "platform": platform.platform(), "world_size": trainer.args.world_size,
         "wall_time_s": round(wall, 2), "train_time_s": round(train_seconds, 2),
-        "peak_memory_mb": round(peak_memory_mb(), 1), "process_peak_memory_mb": round(process_peak_memory_mb(), 1),
-        "quantized_base_bytes": quantized_base_bytes(trainer.model), "train_tokens": tokens,
+        "distributed": ("fsdp" if sharded else "ddp") if trainer.args.world_size > 1 else None,
+        "peak_memory_mb": memory["peak_memory_mb_per_process"][0], **memory,
+        "process_peak_memory_mb": round(process_peak_memory_mb(), 1),
+        "quantized_base_bytes": quantized_base_bytes(model), "train_tokens": tokens,
         "tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1), "steps": trainer.state.global_step,
         "trainable_parameters": trainable[0], "total_parameters": trainable[1], "data": dataclasses.asdict(stats),
     }

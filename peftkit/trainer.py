@@ -10,6 +10,7 @@ checkpoint is built in a temp directory and renamed into place, so a process kil
 saving leaves the previous checkpoint intact.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -25,14 +26,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
+from peftkit.distributed import LAYOUT_FILE
 from peftkit.errors import PeftkitError
 from peftkit.lm_loss import labelled_loss, supports_labelled_loss
+from peftkit.sharding import full, gathered, shard_like, trainable_state
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +49,16 @@ class TrainingDiverged(PeftkitError):
 
 class CheckpointFailed(PeftkitError):
     """A checkpoint could not be written (disk full, a file-size limit)."""
+
+
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports a failed write as its own error
+
+
+def write_reason(exc: Exception) -> str:
+    """Why a write failed, in the system's words ("No space left on device", "File too large")."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return str(exc).rsplit("I/O error: ", 1)[-1]
 
 
 class TrainingInterrupted(PeftkitError):
@@ -193,7 +207,7 @@ def load_trainable(model: torch.nn.Module, tensors: dict[str, torch.Tensor], dir
         raise PeftkitError(f"{directory}/trainable.safetensors does not fit this run's adapter: resume with the "
                            f"recipe that wrote it")
     for name, tensor in tensors.items():
-        params[name].copy_(tensor)
+        params[name].copy_(shard_like(tensor, params[name]))
 
 
 class AllocatorCallback(TrainerCallback):
@@ -241,6 +255,16 @@ class RunDirectory:
         self.stopper = StopOnSignal()
         self.add_callback(self.stopper)
         self._last_log = (time.perf_counter(), 0)
+
+    @contextlib.contextmanager
+    def _defer_fsdp_gradient_reduction(self):
+        """Gradient accumulation on a sharded model: one reduce-scatter per optimizer step, after the
+        last micro-batch (transformers' own version reads a config only its load-time sharding sets)."""
+        self.model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            self.model.set_requires_gradient_sync(True)
 
     def train(self, *args, **kwargs):
         try:
@@ -299,12 +323,12 @@ class RunDirectory:
     def _save_checkpoint(self, model, trial) -> None:
         try:
             self._write_checkpoint(model)
-        except OSError as exc:  # disk full, quota, file-size limit: the earlier checkpoints are untouched
+        except WRITE_ERRORS as exc:  # disk full, quota, file-size limit: the earlier checkpoints are untouched
             root = Path(self.args.output_dir)
             shutil.rmtree(root / f".checkpoint-{self.state.global_step}.tmp", ignore_errors=True)
             last = latest_resumable(root)
             kept = f"{last} is intact" if last else "no earlier checkpoint exists"
-            raise CheckpointFailed(f"could not write the checkpoint of step {self.state.global_step} ({exc.strerror or exc}); "
+            raise CheckpointFailed(f"could not write the checkpoint of step {self.state.global_step} ({write_reason(exc)}); "
                                    f"{kept}: free space under {root}, then rerun with --resume") from None
 
     def _write_checkpoint(self, model) -> None:
@@ -316,17 +340,26 @@ class RunDirectory:
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
         self._save_rng(tmp)
+        model = self.accelerator.unwrap_model(model)
+        trainable = trainable_state(model)  # whole tensors: every process takes part when they are sharded
+        optimizer_tensors, optimizer_meta = self._optimizer_state()
+        with gathered(model):
+            if self.args.should_save:
+                self.save_adapter_fn(model, tmp / "adapter")
         if self.args.should_save:
-            self.save_adapter_fn(self.accelerator.unwrap_model(model), tmp / "adapter")
-            self._save_optimizer(tmp)
-            trainable = {n: p.detach().contiguous().cpu() for n, p in self.accelerator.unwrap_model(model).named_parameters()
-                         if p.requires_grad}
+            save_file(optimizer_tensors, tmp / "optimizer.safetensors")
+            (tmp / "optimizer.json").write_text(json.dumps(optimizer_meta))
+            (tmp / "scheduler.json").write_text(json.dumps(self.lr_scheduler.state_dict()))
             save_file(trainable, tmp / "trainable.safetensors")
             if self.allocator is not None:
                 tensors, meta = self.allocator.state()
                 save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, tmp / "allocator.safetensors")
                 (tmp / "allocator.json").write_text(json.dumps(meta))
             self.state.save_to_json(str(tmp / "trainer_state.json"))
+            layout = {"processes": self.args.world_size, "batch_size": self.args.per_device_train_batch_size,
+                      "grad_accum": self.args.gradient_accumulation_steps,
+                      "distributed": "fsdp" if self.is_distributed_loading_by_transformers else "ddp"}
+            (tmp / LAYOUT_FILE).write_text(json.dumps(layout) + "\n")
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             if final.exists():
@@ -336,19 +369,19 @@ class RunDirectory:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()
 
-    def _save_optimizer(self, directory: Path) -> None:
+    def _optimizer_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The optimizer's tensors (whole, on the CPU, by `<param index>.<name>`) and the rest as JSON.
+        Sharded state is gathered, so every process calls this and a run resumes into any process count."""
         state = self.optimizer.state_dict()
         tensors, meta = {}, {"param_groups": state["param_groups"], "state": {}}
         for index, values in state["state"].items():
             meta["state"][str(index)] = {}
             for key, value in values.items():
                 if torch.is_tensor(value):
-                    tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                    tensors[f"{index}.{key}"] = full(value.detach()).contiguous().cpu()
                 else:
                     meta["state"][str(index)][key] = value
-        save_file(tensors, directory / "optimizer.safetensors")
-        (directory / "optimizer.json").write_text(json.dumps(meta))
-        (directory / "scheduler.json").write_text(json.dumps(self.lr_scheduler.state_dict()))
+        return tensors, meta
 
     def _save_rng(self, directory: Path) -> None:
         rank = self.args.process_index
@@ -365,23 +398,29 @@ class RunDirectory:
         model = model if model is not None else self.model
         directory = Path(resume_from_checkpoint)
         if (directory / "trainable.safetensors").is_file():
-            load_trainable(model, load_file(directory / "trainable.safetensors", device=str(self.args.device)), directory)
+            load_trainable(model, self._load_tensors(directory / "trainable.safetensors"), directory)
         else:  # a checkpoint of an older peftkit
             self.load_adapter_weights_fn(model, directory / "adapter")
         if self.allocator is not None:
-            self.allocator.load_state(load_file(directory / "allocator.safetensors", device=str(self.args.device)),
+            self.allocator.load_state(self._load_tensors(directory / "allocator.safetensors"),
                                       json.loads((directory / "allocator.json").read_text()))
+
+    def _load_tensors(self, path: Path) -> dict[str, torch.Tensor]:
+        """A checkpoint's tensors on this process's device (safetensors names no "cpu:N" device)."""
+        return {name: tensor.to(self.args.device) for name, tensor in load_file(path).items()}
 
     def _load_optimizer_and_scheduler(self, checkpoint) -> None:
         if checkpoint is None:
             return
         directory = Path(checkpoint)
         meta = json.loads((directory / "optimizer.json").read_text())
-        tensors = load_file(directory / "optimizer.safetensors", device=str(self.args.device))
+        tensors = self._load_tensors(directory / "optimizer.safetensors")
         state = {int(i): dict(values) for i, values in meta["state"].items()}
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]  # state_dict's indexing
         for key, tensor in tensors.items():
             index, name = key.split(".", 1)
-            state.setdefault(int(index), {})[name] = tensor
+            param = params[int(index)]
+            state.setdefault(int(index), {})[name] = shard_like(tensor, param) if tensor.shape == param.shape else tensor
         self.optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
         self.lr_scheduler.load_state_dict(json.loads((directory / "scheduler.json").read_text()))
 

@@ -131,6 +131,7 @@ def test_smollm2_loss_and_gradients_as_exact_as_the_full_computation(smol):
     ~1e-5 (the full computation against float64), above the tiny models' 1e-6: the labelled loss
     is held to the full computation's own error, both measured against float64."""
     model, _ = smol
+    torch.manual_seed(0)  # A's init: unseeded, the errors (and their ratio) changed from run to run
     peftkit.apply_adapter(model, "lora", dropout=0.0)
     randomize_adapter(model, std=0.02)
     batch = completion_batch(model.config.vocab_size)
@@ -141,5 +142,8 @@ def test_smollm2_loss_and_gradients_as_exact_as_the_full_computation(smol):
     assert abs(ours - full) <= TOL * abs(full)
     full_error = max(relative(full_grads[k].double(), exact_grads[k]) for k in exact_grads)
     ours_error = max(relative(grads[k].double(), exact_grads[k]) for k in exact_grads)
-    assert ours_error <= 1.5 * full_error, (ours_error, full_error)
+    # in float32 each order of summation rounds differently, and 30 layers of backward amplify
+    # either rounding alike: the two errors are of one size, not in a fixed order (seed 0 here:
+    # 2.5e-5 against 9.6e-6 on an AMD EPYC; other seeds and CPUs gave ratios from 0.7 to 3.1)
+    assert ours_error <= 4 * full_error, (ours_error, full_error)
     assert abs(ours - exact) <= 2 * abs(full - exact) + TOL * abs(exact)

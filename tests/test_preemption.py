@@ -4,6 +4,7 @@ a stale lock is taken over."""
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,7 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from test_train import adapter_tensors, max_diff, run_cli, write_recipe
+
+from peftkit.recipe import load_recipe
+from peftkit.train import train
+from peftkit.trainer import CheckpointFailed
 
 RUN = {"max_steps": 12, "save_steps": 4, "logging_steps": 1, "save_total_limit": 5}
 
@@ -39,6 +45,10 @@ def logged_steps(run: Path) -> int:
     return len(path.read_text().splitlines()) if path.is_file() else 0
 
 
+def files(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
 def test_sigterm_checkpoints_and_resume_equals_uninterrupted(straight, tmp_path):
     path, expected = straight
     stopped = tmp_path / "stopped"
@@ -55,6 +65,53 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(straight, tmp_path)
     resumed = run_cli("train", str(stopped / "recipe.yaml"), "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
     assert max_diff(expected, adapter_tensors(stopped)) <= 1e-5
+
+
+def test_data_parallel_sigterm_to_the_launcher_checkpoints_and_resumes(tmp_path):
+    """SIGTERM to `peftkit train --nproc 2` alone (as a scheduler signals the process it started):
+    the launcher passes it to both workers, which stop at the same step and checkpoint; resumed in
+    two processes, the run equals one process at the same global batch (without dropout, whose
+    masks each process draws from its own generator)."""
+    path = write_recipe(tmp_path, adapter_overrides={"dropout": 0.0}, train=RUN)
+    expected = adapter_tensors(train(load_recipe(str(path), [f"output={tmp_path / 'one'}"])))
+    stopped = tmp_path / "stopped"
+    proc = run_cli("train", str(path), f"output={stopped}", "train.batch_size=2", "--nproc", "2")
+    wait_for(lambda: logged_steps(stopped) >= 2)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=300) == 128 + signal.SIGTERM
+    lines = proc.stderr.read().strip().splitlines()
+    assert lines[-1].startswith("peftkit: error: SIGTERM at step") and "--resume" in lines[-1]
+    assert sum("SIGTERM at step" in line for line in lines) == 1  # the main worker's words only
+    step = int(re.search(r"at step (\d+) of 12", lines[-1]).group(1))
+    checkpoint = stopped / "checkpoints" / f"checkpoint-{step}"
+    assert {p.name for p in checkpoint.glob("rng_*.json")} == {"rng_0.json", "rng_1.json"}  # both workers stopped there
+    assert not (stopped / "adapter").exists()
+
+    resumed = run_cli("train", str(stopped / "recipe.yaml"), "--nproc", "2", "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert max_diff(expected, adapter_tensors(stopped)) <= 1e-5
+
+
+def test_a_second_ctrl_c_quits_at_once_and_keeps_the_last_checkpoint(straight, tmp_path):
+    path, expected = straight
+    out = tmp_path / "run"
+    proc = run_cli("train", str(path), f"output={out}")
+    wait_for(lambda: logged_steps(out) >= 6)  # checkpoint-4 is complete
+    kept = files(out / "checkpoints" / "checkpoint-4")
+    os.kill(proc.pid, signal.SIGINT)
+    for line in proc.stderr:  # the first Ctrl-C is taken: the step and its checkpoint are under way
+        if "received SIGINT" in line:
+            break
+    os.kill(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    last = proc.stderr.read().strip().splitlines()[-1]
+    assert last == "peftkit: train interrupted by SIGINT"  # not "SIGINT at step N: checkpoint saved"
+    assert files(out / "checkpoints" / "checkpoint-4") == kept
+    assert not (out / "adapter").exists()
+
+    resumed = run_cli("train", str(path), f"output={out}", "--resume")
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert max_diff(expected, adapter_tensors(out)) <= 1e-5
 
 
 def test_a_second_writer_refuses_and_a_stale_lock_is_taken_over(tmp_path):
@@ -111,4 +168,35 @@ def test_a_full_disk_while_checkpointing_is_one_line_and_keeps_the_last_checkpoi
     assert not list((out / "checkpoints").glob(".*tmp")) and not (out / "adapter").exists()
     resumed = run_cli("train", str(path), f"output={out}", "--resume")
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+    assert max_diff(expected, adapter_tensors(out)) <= 1e-5
+
+
+def test_a_full_disk_while_saving_the_adapter_is_one_line_and_resume_writes_it(straight, tmp_path):
+    """The end of a run, with a real file-size limit (RLIMIT_FSIZE; Python turns SIGXFSZ into EFBIG)."""
+    import resource
+
+    import peftkit
+    from peftkit.checkpoint import save_adapter
+    from peftkit.train import save_final
+
+    path, expected = straight
+    out = tmp_path / "run"
+    shutil.copytree(path.parent / "straight", out)
+    shutil.rmtree(out / "adapter")  # a run whose every step and checkpoint are done
+    model = peftkit.load_adapter(peftkit.load_model("tiny-llama")[0], path.parent / "straight" / "adapter")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))  # the adapter's tensors need more
+    try:
+        with pytest.raises(CheckpointFailed) as failed:
+            save_final(lambda m, d: save_adapter(m, d, overwrite=True), model, out)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(failed.value)
+    assert "\n" not in message and "could not write the adapter" in message and "File too large" in message
+    assert f"{out / 'checkpoints' / 'checkpoint-12'} is intact" in message and "--resume" in message
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl", "recipe.yaml", "system.json"]
+
+    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
+    (out / "recipe.yaml").write_text(yaml.safe_dump({**recipe, "output": str(out)}))
+    train(load_recipe(str(out / "recipe.yaml")), resume=True)  # from the last step's checkpoint: no step left
     assert max_diff(expected, adapter_tensors(out)) <= 1e-5

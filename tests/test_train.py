@@ -1,5 +1,6 @@
-"""The training pipeline on tiny-llama: run directory, resume after SIGKILL, divergence,
-impl=peft, and 2-process data parallel equal to one process."""
+"""The training pipeline on tiny-llama: run directory, resume after SIGKILL, divergence and
+impl=peft. Data parallel (equal to one process, through a SIGTERM and a resume) is tested in
+test_preemption.py, sharded training in test_fsdp.py."""
 
 import json
 import os
@@ -131,12 +132,3 @@ def test_peft_backend_trains_same_preset(tmp_path):
     assert set(json.loads((theirs / "eval.json").read_text())["tasks"]) == {"alpaca-heldout", "sst2"}
     # different random initialisations of A, same data and schedule: both learn, curves are close
     assert loss(ours)[-1] < loss(ours)[0] and loss(theirs)[-1] < loss(theirs)[0]
-
-
-def test_two_processes_equal_one(tmp_path):
-    path = write_recipe(tmp_path, adapter_overrides={"dropout": 0.0})
-    one = run_cli("train", str(path), f"output={tmp_path / 'one'}", "train.batch_size=4")
-    assert one.wait(timeout=600) == 0, one.stderr.read()
-    two = run_cli("train", str(path), f"output={tmp_path / 'two'}", "train.batch_size=2", "--nproc", "2")
-    assert two.wait(timeout=600) == 0, two.stderr.read()
-    assert max_diff(adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")) <= 1e-5

@@ -11,13 +11,13 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from peftkit.atomic import temp_path
 from peftkit.evaluation.spec import TaskResult, TaskSpec
 from peftkit.models import cache_dir
 
@@ -102,7 +102,10 @@ def store(directory: Path, spec: TaskSpec, key: str, result: TaskResult, seconds
     """Write an entry atomically (temp file, then rename), so readers never see half of one."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{spec.name}-{key[:20]}.json"
-    tmp = directory / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    tmp = temp_path(path)
     entry = {"key": key, "seconds": seconds, "result": dataclasses.asdict(result)}
-    tmp.write_text(json.dumps(entry, indent=1, default=str))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(entry, indent=1, default=str))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -34,6 +34,14 @@ def _run_parts(run: Path) -> tuple[str, Path, dict, dict]:
     return model, adapter, recipe.get("eval") if isinstance(recipe.get("eval"), dict) else {}, head
 
 
+def output_path(target: str, out: str | None = None) -> Path:
+    """Where eval.json goes: `out`, else into a run directory, else ./eval.json."""
+    if out:
+        return Path(out).expanduser()
+    run = Path(target).expanduser()
+    return run / "eval.json" if is_run_dir(run) else Path("eval.json")
+
+
 def eval_command(target: str, tasks: str | None = None, adapter: str | None = None, out: str | None = None,
                  dtype: str | None = None, device: str | None = None,
                  generation: Mapping[str, Any] | None = None, **options: Any) -> tuple[dict[str, Any], Path]:
@@ -67,10 +75,8 @@ def eval_command(target: str, tasks: str | None = None, adapter: str | None = No
         for key in ("shots", "limit"):  # what the recipe evaluated with, unless given
             if options.get(key) is None and recipe_eval.get(key) is not None:
                 options[key] = recipe_eval[key]
-        default_out = run / "eval.json"
     else:
         base, adapter_dir, head = target, Path(adapter).expanduser() if adapter else None, {}
-        default_out = Path("eval.json")
     if not tasks:
         raise ConfigError("no eval tasks: pass --tasks, e.g. --tasks sst2,e2e,gsm8k,alpaca-heldout")
     model, tokenizer = peftkit.load_model(base, dtype=dtype, device=device, **head)
@@ -80,7 +86,7 @@ def eval_command(target: str, tasks: str | None = None, adapter: str | None = No
     report["model"]["source"] = target
     if report["adapter"] is not None and adapter_dir is not None:
         report["adapter"]["path"] = str(adapter_dir)
-    path = write_report(report, Path(out).expanduser() if out else default_out)
+    path = write_report(report, output_path(target, out))
     return report, path
 
 

@@ -8,10 +8,10 @@ import json
 import logging
 import math
 import os
-import uuid
 from pathlib import Path
 from typing import Any
 
+from peftkit.atomic import temp_path
 from peftkit.errors import PeftkitError
 
 logger = logging.getLogger(__name__)
@@ -47,13 +47,15 @@ def write_report(report: dict[str, Any], path: str | Path) -> Path:
             merged = {**report, "tasks": {**old["tasks"], **report["tasks"]}}
         else:
             logger.info("replacing %s: it holds results of another model or adapter", path)
+    tmp = temp_path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
         tmp.write_text(json.dumps(merged, indent=2) + "\n")
         os.replace(tmp, path)
     except OSError as exc:
         raise PeftkitError(f"cannot write {path} ({exc}): pass --out with a writable path") from None
+    finally:  # a failed or interrupted write leaves no temp file behind
+        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -1,0 +1,100 @@
+"""Training in several processes: what runs sharded (`train.distributed`), how a resume may
+split the same global batch differently, the launcher's precision, and per-process figures."""
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate import PartialState
+
+from peftkit.errors import ConfigError
+from peftkit.methods import METHODS
+from peftkit.recipe import Recipe
+
+logger = logging.getLogger(__name__)
+
+LAYOUT_FILE = "layout.json"  # in each checkpoint: how its global batch was split over processes
+LAYOUT = ("batch_size", "grad_accum", "distributed")  # train keys a resume may change (same global batch)
+
+
+def check_layout(checkpoint: Path, recipe: Recipe, processes: int) -> None:
+    """A resume may change the process count, DDP / FSDP and how the global batch is split, as long
+    as the global batch (batch_size x grad_accum x processes) is the checkpoint's: then the steps
+    and the data order are the same.
+
+    Raises:
+        ConfigError: another global batch than the checkpoint's.
+    """
+    path, t = checkpoint / LAYOUT_FILE, recipe.train
+    if path.is_file():
+        saved = json.loads(path.read_text())
+    else:  # a checkpoint of an older peftkit: the saved recipe's split, in as many processes as now
+        train = yaml.safe_load((checkpoint.parent.parent / "recipe.yaml").read_text())["train"]
+        saved = {"processes": processes, "batch_size": train["batch_size"], "grad_accum": train["grad_accum"]}
+    before = saved["batch_size"] * saved["grad_accum"] * saved["processes"]
+    now = t.batch_size * t.grad_accum * processes
+    if now != before:
+        split = t.grad_accum * processes
+        fix = (f"set train.batch_size={before // split}" if before % split == 0 else
+               f"make train.batch_size x grad_accum x processes {before}")
+        raise ConfigError(f"--resume: {checkpoint.name} was trained at a global batch of {before} (train.batch_size "
+                          f"{saved['batch_size']} x grad_accum {saved['grad_accum']} x {saved['processes']} "
+                          f"process(es)), this run's is {now}: {fix}")
+
+
+def without_layout(recipe: dict) -> dict:
+    train = {k: v for k, v in (recipe.get("train") or {}).items() if k not in LAYOUT}
+    return {**recipe, "train": train}
+
+
+def wants_fsdp(recipe: Recipe) -> bool:
+    """`train.distributed: fsdp`, or a launch with accelerate's FSDP config (recipes/accelerate/fsdp.yaml)."""
+    return recipe.train.distributed == "fsdp" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+
+
+def follow_recipe_precision(recipe: Recipe) -> None:
+    """The recipe's `train.precision` decides, also under `accelerate launch`, whose config may name
+    another mixed precision (the shipped ones say bf16, for GPUs); a difference is logged."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    from peftkit.train import train_dtype
+
+    dtype = train_dtype(recipe.train.precision)
+    ours = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
+    if launcher is not None and launcher != ours:
+        logger.info("train.precision %s: training in %s, not the launcher's mixed_precision %s (set train.precision to "
+                    "change it)", recipe.train.precision, dtype, launcher)
+        os.environ["ACCELERATE_MIXED_PRECISION"] = ours
+
+
+def check_distributed(recipe: Recipe, adapter_cfg: Any) -> None:
+    """What sharded training runs, checked before any process loads a model.
+
+    Raises:
+        ConfigError: a DeepSpeed launch; FSDP with impl: peft, or with a method whose allocator reads
+            whole layers (AdaLoRA).
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        raise ConfigError("DeepSpeed: peftkit's checkpoints (safetensors + JSON, exact resume) cannot hold the "
+                          "DeepSpeed engine's own pickled optimizer state: shard with train.distributed: fsdp "
+                          "(FSDP2, parameters, gradients and optimizer state sharded as in ZeRO-3)")
+    if not wants_fsdp(recipe):
+        return
+    if recipe.impl == "peft":
+        raise ConfigError("train.distributed: fsdp shards peftkit's own adapters; impl: peft trains with "
+                          "train.distributed: ddp")
+    if hasattr(METHODS[adapter_cfg.method], "allocator"):
+        raise ConfigError(f"train.distributed: fsdp: {adapter_cfg.method}'s rank allocator reads whole layers "
+                          f"each step, which FSDP shards: use train.distributed: ddp")
+
+
+def per_process(state: PartialState, value: Any) -> list:
+    """Each process's value, in rank order (a collective under data parallel)."""
+    if state.num_processes == 1:
+        return [value]
+    values = [None] * state.num_processes
+    torch.distributed.all_gather_object(values, value)
+    return values

@@ -1,0 +1,82 @@
+"""`peftkit train --nproc N`: the same command in N processes on this machine, one process group
+(gloo on CPU, NCCL on GPUs), as torch.distributed.run starts them, without its elastic agent.
+
+Why not torch.distributed.run: its agent answers a worker's failure with a traceback of its own,
+and a SIGTERM sent to it alone ends the workers without their checkpoint. Here the parent
+forwards SIGTERM and SIGINT to every worker (each finishes its step and checkpoints, as one process
+does), shows only the main worker's output (the others' only when one of them failed first), and
+exits with the first failure's code, whose one-line error the main worker has already printed.
+"""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+
+GRACE_S = 30  # after the first failure, how long the others get to end by themselves
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def worker_env(rank: int, nproc: int, port: int) -> dict[str, str]:
+    env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc), "GROUP_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))  # no oversubscribed cores
+    return env
+
+
+def launch(argv: Sequence[str], nproc: int) -> int:
+    """Run `python -m peftkit ARGV` in `nproc` processes; returns the exit code (0, or the first failure's)."""
+    port = free_port()
+    logs = [tempfile.TemporaryFile() for _ in range(1, nproc)]  # the other workers' stdout + stderr
+    procs = [subprocess.Popen([sys.executable, "-m", "peftkit", *argv], env=worker_env(rank, nproc, port),
+                              stdout=None if rank == 0 else logs[rank - 1],
+                              stderr=None if rank == 0 else subprocess.STDOUT)
+             for rank in range(nproc)]
+
+    def forward(signum: int, frame) -> None:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        failed = _wait(procs)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    if failed is not None and failed > 0:  # a worker's own error: show what it said
+        logs[failed - 1].seek(0)
+        sys.stderr.write(logs[failed - 1].read().decode(errors="replace"))
+    code = 0 if failed is None else procs[failed].returncode
+    return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + N
+
+
+def _wait(procs: list[subprocess.Popen]) -> int | None:
+    """Wait for every worker; the rank that failed first, or None when all succeeded."""
+    failed, deadline = None, None
+    while any(p.poll() is None for p in procs):
+        if failed is None:
+            failed = next((rank for rank, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+            if failed is not None:
+                deadline = time.monotonic() + GRACE_S
+        elif time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if failed is None:
+        failed = next((rank for rank, p in enumerate(procs) if p.returncode != 0), None)
+    elif procs[0].returncode == procs[failed].returncode:  # the same end (a signal, the same error): the main one's words
+        failed = 0
+    return failed
