@@ -6,6 +6,8 @@ and a SIGTERM sent to it alone ends the workers without their checkpoint. Here t
 forwards SIGTERM and SIGINT to every worker (each finishes its step and checkpoints, as one process
 does), shows only the main worker's output (the others' only when one of them failed first), and
 exits with the first failure's code, whose one-line error the main worker has already printed.
+Each worker runs in its own process group (a terminal's Ctrl-C reaches the parent alone, which
+passes it on once) and gets SIGTERM if the parent dies.
 """
 
 import os
@@ -33,13 +35,24 @@ def worker_env(rank: int, nproc: int, port: int) -> dict[str, str]:
     return env
 
 
+def _detach() -> None:
+    """In each worker, before it starts: a process group of its own, so a terminal's Ctrl-C reaches
+    the launcher alone, which passes it on once (twice would mean "quit now"); and SIGTERM when
+    the launcher dies, so no worker outlives it (Linux's PR_SET_PDEATHSIG)."""
+    os.setpgid(0, 0)
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+
+
 def launch(argv: Sequence[str], nproc: int) -> int:
     """Run `python -m peftkit ARGV` in `nproc` processes; returns the exit code (0, or the first failure's)."""
     port = free_port()
     logs = [tempfile.TemporaryFile() for _ in range(1, nproc)]  # the other workers' stdout + stderr
     procs = [subprocess.Popen([sys.executable, "-m", "peftkit", *argv], env=worker_env(rank, nproc, port),
                               stdout=None if rank == 0 else logs[rank - 1],
-                              stderr=None if rank == 0 else subprocess.STDOUT)
+                              stderr=None if rank == 0 else subprocess.STDOUT, preexec_fn=_detach)
              for rank in range(nproc)]
 
     def forward(signum: int, frame) -> None:
