@@ -106,6 +106,8 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
     sharded = wants_fsdp(recipe) and state.num_processes > 1
     if sharded:
         shard_model(model)
+    elif wants_fsdp(recipe):
+        logger.info("train.distributed: fsdp in one process: nothing to shard, training the whole model")
 
     # Note: LoRA-family runs train padding-free (a batch is one row, position ids restart per
     # example, so examples never attend to each other): no compute is spent on pad tokens.

@@ -67,12 +67,13 @@ def test_sigterm_checkpoints_and_resume_equals_uninterrupted(straight, tmp_path)
     assert max_diff(expected, adapter_tensors(stopped)) <= 1e-5
 
 
-def test_data_parallel_sigterm_to_the_launcher_checkpoints_and_resumes(tmp_path):
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_data_parallel_sigterm_to_the_launcher_checkpoints_and_resumes(tmp_path, distributed):
     """SIGTERM to `peftkit train --nproc 2` alone (as a scheduler signals the process it started):
     the launcher passes it to both workers, which stop at the same step and checkpoint; resumed in
     two processes, the run equals one process at the same global batch (without dropout, whose
     masks each process draws from its own generator)."""
-    path = write_recipe(tmp_path, adapter_overrides={"dropout": 0.0}, train=RUN)
+    path = write_recipe(tmp_path, adapter_overrides={"dropout": 0.0}, train={**RUN, "distributed": distributed})
     expected = adapter_tensors(train(load_recipe(str(path), [f"output={tmp_path / 'one'}"])))
     stopped = tmp_path / "stopped"
     proc = run_cli("train", str(path), f"output={stopped}", "train.batch_size=2", "--nproc", "2")
