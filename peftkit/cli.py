@@ -9,9 +9,13 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from peftkit.combine import COMBINATIONS
 from peftkit.errors import ConfigError, PeftkitError
+
+if TYPE_CHECKING:
+    from peftkit.recipe import Recipe
 
 logger = logging.getLogger("peftkit")
 
@@ -62,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         _train_methods(args, recipe)
         return
     if args.nproc > 1:
-        _relaunch(args)
+        _relaunch(args, recipe)
         return
     from peftkit.train import train
 
@@ -89,24 +93,18 @@ def _train_methods(args: argparse.Namespace, recipe) -> None:
     print(f"report: {report / 'report.md'}\n        {report / 'report.html'}")
 
 
-def _relaunch(args: argparse.Namespace) -> None:
+def _relaunch(args: argparse.Namespace, recipe: "Recipe") -> None:
     """Data parallel (DDP or FSDP): the same command in N processes, one process group (`peftkit.launch`)."""
-    from peftkit.launch import launch
-    from peftkit.recipe import load_recipe
-    from peftkit.distributed import check_distributed
-
-    recipe = load_recipe(args.recipe, args.overrides)
-    check_distributed(recipe, resolve_adapter_of(recipe))  # once here, not once per process
-    argv = ["--debug"] * args.debug + ["train", args.recipe, *args.overrides]
-    code = launch(argv + ["--resume"] * args.resume + ["--overwrite"] * args.overwrite, args.nproc)
-    if code != 0:
-        raise SystemExit(code)  # the main worker has printed the one-line error
-
-
-def resolve_adapter_of(recipe):
     from peftkit.api import resolve_adapter
+    from peftkit.distributed import check_distributed
+    from peftkit.launch import launch
 
-    return resolve_adapter(recipe.adapter, **recipe.adapter_overrides)
+    check_distributed(recipe, resolve_adapter(recipe.adapter, **recipe.adapter_overrides))  # once, not per process
+    argv = ["--debug"] * args.debug + ["train", args.recipe, *args.overrides]
+    argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    code = launch([sys.executable, "-m", "peftkit", *argv], args.nproc)
+    if code != 0:
+        raise SystemExit(code)  # the failed worker's one-line error is shown already
 
 
 def cmd_eval(args: argparse.Namespace) -> None:

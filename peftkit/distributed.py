@@ -51,17 +51,16 @@ def without_layout(recipe: dict) -> dict:
     return {**recipe, "train": train}
 
 
-def wants_fsdp(recipe: Recipe) -> bool:
-    """`train.distributed: fsdp`, or a launch with accelerate's FSDP config (recipes/accelerate/fsdp.yaml)."""
-    return recipe.train.distributed == "fsdp" or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
-
-
-def follow_recipe_precision(recipe: Recipe) -> None:
-    """The recipe's `train.precision` decides, also under `accelerate launch`, whose config may name
-    another mixed precision (the shipped ones say bf16, for GPUs); a difference is logged."""
+def adopt_launcher(recipe: Recipe) -> None:
+    """What `accelerate launch` set for this run, taken into the recipe. Its FSDP config selects
+    `train.distributed: fsdp`; peftkit then shards by itself, so accelerate is told not to plan
+    FSDP too (on GPUs its plugin would take over the Trainer's saving). The recipe's
+    `train.precision` wins over the launcher's mixed precision (the shipped configs say bf16, for
+    GPUs); a difference is logged."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        recipe.train.distributed = "fsdp"
+        os.environ["ACCELERATE_USE_FSDP"] = "false"
     launcher = os.environ.get("ACCELERATE_MIXED_PRECISION")
-    from peftkit.train import train_dtype
-
     dtype = train_dtype(recipe.train.precision)
     ours = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "no")
     if launcher is not None and launcher != ours:
@@ -81,7 +80,7 @@ def check_distributed(recipe: Recipe, adapter_cfg: Any) -> None:
         raise ConfigError("DeepSpeed: peftkit's checkpoints (safetensors + JSON, exact resume) cannot hold the "
                           "DeepSpeed engine's own pickled optimizer state: shard with train.distributed: fsdp "
                           "(FSDP2, parameters, gradients and optimizer state sharded as in ZeRO-3)")
-    if not wants_fsdp(recipe):
+    if recipe.train.distributed != "fsdp":
         return
     if recipe.impl == "peft":
         raise ConfigError("train.distributed: fsdp shards peftkit's own adapters; impl: peft trains with "
@@ -98,3 +97,10 @@ def per_process(state: PartialState, value: Any) -> list:
     values = [None] * state.num_processes
     torch.distributed.all_gather_object(values, value)
     return values
+
+
+def train_dtype(precision: str) -> torch.dtype:
+    if precision == "auto":
+        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if cuda_bf16 else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]

@@ -19,7 +19,9 @@ import tempfile
 import time
 from collections.abc import Sequence
 
-GRACE_S = 30  # after the first failure, how long the others get to end by themselves
+SIGNAL_GRACE_S = 60  # a worker stopped by a signal: how long the others get to finish the step and checkpoint
+ERROR_GRACE_S = 3  # a worker failed: the others are stopped (SIGTERM, then SIGKILL after this)
+INTERRUPTED = (128 + signal.SIGINT, 128 + signal.SIGTERM)  # a worker's exit after a signal's checkpoint
 
 
 def free_port() -> int:
@@ -46,16 +48,17 @@ def _detach() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
 
 
-def launch(argv: Sequence[str], nproc: int) -> int:
-    """Run `python -m peftkit ARGV` in `nproc` processes; returns the exit code (0, or the first failure's)."""
+def launch(command: Sequence[str], nproc: int) -> int:
+    """Run `command` (`python -m peftkit ...`) in `nproc` processes; returns the exit code (0, or
+    that of the worker that failed first)."""
     port = free_port()
     logs = [tempfile.TemporaryFile() for _ in range(1, nproc)]  # the other workers' stdout + stderr
-    procs = [subprocess.Popen([sys.executable, "-m", "peftkit", *argv], env=worker_env(rank, nproc, port),
+    procs = [subprocess.Popen(list(command), env=worker_env(rank, nproc, port),
                               stdout=None if rank == 0 else logs[rank - 1],
                               stderr=None if rank == 0 else subprocess.STDOUT, preexec_fn=_detach)
              for rank in range(nproc)]
 
-    def forward(signum: int, frame) -> None:
+    def forward(signum: int, frame: object) -> None:
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signum)
@@ -70,26 +73,47 @@ def launch(argv: Sequence[str], nproc: int) -> int:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    if failed is not None and failed > 0:  # a worker's own error: show what it said
+    if failed is None:
+        return 0
+    code = procs[failed].returncode
+    if failed > 0:  # a worker's own error: show what it said
         logs[failed - 1].seek(0)
         sys.stderr.write(logs[failed - 1].read().decode(errors="replace"))
-    code = 0 if failed is None else procs[failed].returncode
-    return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + N
+    if code < 0:  # killed by the signal itself (before training installed its handler): nobody said so
+        name = signal.Signals(-code).name
+        print(f"peftkit: train interrupted by {name} before training started: no checkpoint was written",
+              file=sys.stderr)
+        return 128 - code  # the shell's 128 + N
+    return code
 
 
 def _wait(procs: list[subprocess.Popen]) -> int | None:
-    """Wait for every worker; the rank that failed first, or None when all succeeded."""
+    """Wait for every worker; the rank whose failure the user should see, or None when all succeeded.
+
+    That is the first to fail; the main worker when all were stopped alike by a signal (each then
+    says the same, the main one has said it). After a failure that is not a signal's, the others
+    are stopped at once: they would wait for the failed one in their next collective.
+    """
     failed, deadline = None, None
     while any(p.poll() is None for p in procs):
         if failed is None:
             failed = next((rank for rank, p in enumerate(procs) if p.poll() not in (None, 0)), None)
             if failed is not None:
-                deadline = time.monotonic() + GRACE_S
+                signalled = procs[failed].returncode in INTERRUPTED or procs[failed].returncode < 0
+                deadline = time.monotonic() + (SIGNAL_GRACE_S if signalled else ERROR_GRACE_S)
+                if not signalled:
+                    _terminate(procs)
         elif time.monotonic() > deadline:
             break
-        time.sleep(0.1)
+        time.sleep(0.05)
     if failed is None:
-        failed = next((rank for rank, p in enumerate(procs) if p.returncode != 0), None)
-    elif procs[0].returncode == procs[failed].returncode:  # the same end (a signal, the same error): the main one's words
-        failed = 0
+        return next((rank for rank, p in enumerate(procs) if p.returncode != 0), None)
+    if procs[failed].returncode in INTERRUPTED and procs[0].returncode == procs[failed].returncode:
+        return 0
     return failed
+
+
+def _terminate(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()

@@ -103,7 +103,11 @@ def apply_peft(model: nn.Module, cfg: Any) -> nn.Module:
 
 
 def save_peft(model: nn.Module, directory: Path) -> None:
-    model.save_pretrained(str(directory), safe_serialization=True)
+    """peft's own save, written aside and renamed into place (as peftkit's `save_adapter`)."""
+    from peftkit.atomic import staged
+
+    with staged(Path(directory)) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
 
 
 def load_peft_weights(model: nn.Module, directory: Path) -> None:

@@ -131,6 +131,9 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
     A collective: every process enters it."""
     from peftkit.protocol import adapter_parameters
 
+    if not any(is_sharded(p) for p in model.parameters()):
+        yield model
+        return
     adapter = {id(p) for p in adapter_parameters(model).values()}
     swapped = []
     for module in model.modules():

@@ -11,12 +11,14 @@
 """
 
 import dataclasses
+import gc
 import json
 import logging
 import platform
 import shutil
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +26,7 @@ import torch
 import yaml
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, TrainingArguments, set_seed
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
 from peftkit.api import apply_adapter, resolve_adapter, trainable_parameters
 from peftkit.checkpoint import WEIGHTS_NAME, read_adapter_weights, save_adapter
@@ -38,9 +40,9 @@ from peftkit.methods import METHODS
 from peftkit.protocol import load_adapter_state_dict
 from peftkit.recipe import Recipe, save_resolved
 from peftkit.runlock import locked
-from peftkit.distributed import (check_distributed, check_layout, follow_recipe_precision, per_process,
-                                 without_layout, wants_fsdp)
-from peftkit.sharding import resident_bytes, shard_model, trainable_state
+from peftkit.distributed import (adopt_launcher, check_distributed, check_layout, per_process, train_dtype,
+                                 without_layout)
+from peftkit.sharding import gathered, resident_bytes, shard_model, trainable_state
 from peftkit.trainer import (WRITE_ERRORS, CheckpointFailed, PeftkitTrainer, TaskTrainer,
                              TrainingInterrupted, checkpoints, latest_resumable, load_trainable, peak_memory_mb,
                              process_peak_memory_mb, reset_peak_memory, write_reason)
@@ -61,8 +63,8 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     out = Path(recipe.output)
     sources = data_sources(recipe)
     adapter_cfg = resolve_adapter(recipe.adapter, **recipe.adapter_overrides)
+    adopt_launcher(recipe)
     check_distributed(recipe, adapter_cfg)
-    follow_recipe_precision(recipe)
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or each of N data-parallel ones (joins their group)
     with locked(out, state.is_main_process):  # a second `peftkit train` on this output refuses at once
         return _train(recipe, state, sources, adapter_cfg, source=source, resume=resume, overwrite=overwrite)
@@ -80,33 +82,21 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
 
     started = time.perf_counter()
     set_seed(recipe.train.seed)  # the adapter's random init too: same seed, same run
+    sharded = recipe.train.distributed == "fsdp" and state.num_processes > 1
+    # each GPU process on its own device; sharded, on the CPU: fully_shard moves each shard there
+    device = "cpu" if sharded else state.device if state.device.type == "cuda" else None
     model, tokenizer = load_model(recipe.model, dtype=train_dtype(recipe.train.precision), task=recipe.task,
-                                  num_labels=recipe.num_labels,  # each GPU process on its own device
-                                  device=state.device if state.device.type == "cuda" else None)
+                                  num_labels=recipe.num_labels, device=device)
     task = task_of_model(model)
     train_set, stats = build_datasets(recipe, tokenizer, sources, task)
-    if recipe.impl == "peft":
-        from peftkit.peft_backend import (apply_peft, load_peft_weights, peft_allocator, peft_regularization,
-                                           save_peft)
-
-        model = apply_peft(model, adapter_cfg)
-        save_fn, load_fn = save_peft, load_peft_weights
-        allocator = peft_allocator(model, adapter_cfg)
-        regularization = peft_regularization(model) if task == "causal-lm" else None  # trl drops it
-    else:
-        apply_adapter(model, adapter_cfg)
-        method = METHODS[adapter_cfg.method]
-        regularization = getattr(method, "regularization", None)
-        allocator = method.allocator(model) if hasattr(method, "allocator") else None
-        save_fn = lambda m, d: save_adapter(m, d, overwrite=True)  # noqa: E731
-        load_fn = lambda m, d: load_adapter_state_dict(m, read_adapter_weights(d), str(Path(d) / WEIGHTS_NAME))  # noqa: E731
+    model, save_fn, load_fn, allocator, regularization = attach_adapter(model, recipe, adapter_cfg, task)
     trainable = trainable_parameters(model)
     logger.info("trainable: %s / %s (%.2f%%)", f"{trainable[0]:,}", f"{trainable[1]:,}",
                 100 * trainable[0] / trainable[1])
-    sharded = wants_fsdp(recipe) and state.num_processes > 1
+    run = RunInfo(started, stats, trainable, quantized_base_bytes(model), sharded)
     if sharded:
         shard_model(model)
-    elif wants_fsdp(recipe):
+    elif recipe.train.distributed == "fsdp":
         logger.info("train.distributed: fsdp in one process: nothing to shard, training the whole model")
 
     # Note: LoRA-family runs train padding-free (a batch is one row, position ids restart per
@@ -131,25 +121,65 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
         raise TrainingInterrupted(f"{name} at step {trainer.state.global_step} of {trainer.state.max_steps}: checkpoint "
                                   f"saved in {out / 'checkpoints'}; continue with: peftkit train {out / 'recipe.yaml'} "
                                   f"--resume", trainer.stopper.received)
+    return finish_run(recipe, state, trainer, model, tokenizer, adapter_cfg, save_fn, result.training_loss, run)
+
+
+def attach_adapter(model: torch.nn.Module, recipe: Recipe, adapter_cfg: Any, task: str) -> tuple:
+    """The adapter on the model, ours or peft's (`impl`), with how to save and reload it, and the
+    method's allocator and loss term (or None): (model, save_fn, load_fn, allocator, regularization)."""
+    if recipe.impl == "peft":
+        from peftkit.peft_backend import (apply_peft, load_peft_weights, peft_allocator, peft_regularization,
+                                           save_peft)
+
+        model = apply_peft(model, adapter_cfg)
+        regularization = peft_regularization(model) if task == "causal-lm" else None  # trl drops it
+        return model, save_peft, load_peft_weights, peft_allocator(model, adapter_cfg), regularization
+    apply_adapter(model, adapter_cfg)
+    method = METHODS[adapter_cfg.method]
+    allocator = method.allocator(model) if hasattr(method, "allocator") else None
+    save_fn = lambda m, d: save_adapter(m, d, overwrite=True)  # noqa: E731
+    load_fn = lambda m, d: load_adapter_state_dict(m, read_adapter_weights(d), str(Path(d) / WEIGHTS_NAME))  # noqa: E731
+    return model, save_fn, load_fn, allocator, getattr(method, "regularization", None)
+
+
+@dataclasses.dataclass
+class RunInfo:
+    """What a run records beside its trainer's state."""
+
+    started: float  # time.perf_counter() at the start
+    stats: DataStats
+    trainable: tuple[int, int]  # (trainable, total) parameters
+    quantized_base_bytes: int | None  # the 4-bit base, whole (measured before any sharding)
+    sharded: bool
+
+
+def finish_run(recipe: Recipe, state: PartialState, trainer: Trainer, model: torch.nn.Module, tokenizer,
+               adapter_cfg: Any, save_fn: Callable, loss: float, run: RunInfo) -> Path:
+    """After the last step: per-process memory, the adapter saved (gathered whole when sharded),
+    eval, the card and system.json. Every process enters; the main one writes."""
+    out = Path(recipe.output)
+    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
     memory = {"peak_memory_mb_per_process": per_process(state, round(peak_memory_mb(), 1)),
               "model_bytes_per_process": per_process(state, resident_bytes([model]))}
-    quantized = [m for m in model.modules() if isinstance(m, Linear4bit)]
     if quantized:
         memory["quantized_base_bytes_per_process"] = per_process(state, resident_bytes(quantized))
-    if sharded:  # the run's last collective: every process gathers the adapter whole
-        model = unsharded(recipe, adapter_cfg, trainer, trainable_state(model))
+    tensors = trainable_state(model) if run.sharded and recipe.eval.tasks else None  # for the eval model
+    with gathered(model):  # the adapter whole for saving: the last collective of a sharded run
+        if trainer.args.should_save:
+            save_final(save_fn, model, out)
     if not trainer.args.should_save:
         return out  # other data-parallel ranks: the main process writes the run directory
-    save_final(save_fn, model, out)
-    metrics = {"train_loss": round(result.training_loss, 4)}
+    metrics = {"train_loss": round(loss, 4)}
     if recipe.eval.tasks:
+        if run.sharded:
+            model = unsharded(recipe, adapter_cfg, trainer, tensors)
         metrics.update(run_eval(recipe, model, tokenizer, out))
-    write_card(out / "adapter", recipe, adapter_cfg, trainable, metrics)
-    write_system(out, started, trainer, model, stats, trainable, memory, sharded)
+    write_card(out / "adapter", recipe, adapter_cfg, run.trainable, metrics)
+    write_system(out, trainer, run, memory)
     return out
 
 
-def save_final(save_fn, model: torch.nn.Module, out: Path) -> None:
+def save_final(save_fn: Callable, model: torch.nn.Module, out: Path) -> None:
     """The trained adapter into `out/adapter` (written aside, then renamed into place).
 
     Raises:
@@ -165,25 +195,18 @@ def save_final(save_fn, model: torch.nn.Module, out: Path) -> None:
                                f"free space under {out}, then rerun with --resume") from None
 
 
-def unsharded(recipe: Recipe, adapter_cfg: Any, trainer, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """The trained model unsharded, for saving and eval: the base loaded afresh on the main process
-    with the adapter applied as at the start and the trained tensors copied in; the sharded model
-    is let go first. Other processes get None."""
+def unsharded(recipe: Recipe, adapter_cfg: Any, trainer: Trainer, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """The trained model whole, for eval on the main process: the sharded one let go, the base
+    loaded afresh (on its default device: one that holds the whole model) with the adapter applied
+    as at the start and the trained tensors copied in."""
+    trainer.accelerator.free_memory()
     trainer.model = trainer.model_wrapped = None
-    if not trainer.args.should_save:
-        return None
+    gc.collect()
     model, _ = load_model(recipe.model, dtype=train_dtype(recipe.train.precision), task=recipe.task,
                           num_labels=recipe.num_labels)
     apply_adapter(model, adapter_cfg)
     load_trainable(model, tensors, Path(recipe.output))
     return model
-
-
-def train_dtype(precision: str) -> torch.dtype:
-    if precision == "auto":
-        cuda_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if cuda_bf16 else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 def prepare_output(out: Path, recipe: Recipe, *, resume: bool, overwrite: bool, processes: int = 1) -> Path | None:
@@ -358,27 +381,27 @@ def write_card(directory: Path, recipe: Recipe, cfg: Any, trainable: tuple[int, 
                                                      metrics=metrics, notes=notes))
 
 
-def write_system(out: Path, started: float, trainer: PeftkitTrainer, model: torch.nn.Module, stats: DataStats,
-                 trainable: tuple[int, int], memory: dict[str, list], sharded: bool) -> None:
+def write_system(out: Path, trainer: Trainer, run: RunInfo, memory: dict[str, list]) -> None:
     import peftkit
     import transformers
     import trl
 
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - run.started
     tokens = trainer.state.num_input_tokens_seen
     train_seconds = next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), wall)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
+    trainable, total = run.trainable
     record = {
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "transformers": transformers.__version__, "trl": trl.__version__, "peftkit": peftkit.__version__},
         "device": device, "platform": platform.platform(), "world_size": trainer.args.world_size,
         "wall_time_s": round(wall, 2), "train_time_s": round(train_seconds, 2),
-        "distributed": ("fsdp" if sharded else "ddp") if trainer.args.world_size > 1 else None,
+        "distributed": ("fsdp" if run.sharded else "ddp") if trainer.args.world_size > 1 else None,
         "peak_memory_mb": memory["peak_memory_mb_per_process"][0], **memory,
         "process_peak_memory_mb": round(process_peak_memory_mb(), 1),
-        "quantized_base_bytes": quantized_base_bytes(model), "train_tokens": tokens,
+        "quantized_base_bytes": run.quantized_base_bytes, "train_tokens": tokens,
         "tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1), "steps": trainer.state.global_step,
-        "trainable_parameters": trainable[0], "total_parameters": trainable[1], "data": dataclasses.asdict(stats),
+        "trainable_parameters": trainable, "total_parameters": total, "data": dataclasses.asdict(run.stats),
     }
     (out / "system.json").write_text(json.dumps(record, indent=2) + "\n")
 

@@ -13,7 +13,6 @@ saving leaves the previous checkpoint intact.
 import contextlib
 import json
 import logging
-import os
 import random
 import re
 import resource
@@ -33,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTTrainer
 
+from peftkit.atomic import replace_dir
 from peftkit.distributed import LAYOUT_FILE
 from peftkit.errors import PeftkitError
 from peftkit.lm_loss import labelled_loss, supports_labelled_loss
@@ -362,9 +362,7 @@ class RunDirectory:
             (tmp / LAYOUT_FILE).write_text(json.dumps(layout) + "\n")
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            replace_dir(tmp, final)  # signals wait for the renames: the old checkpoint or the new, whole
             for old in checkpoints(root)[: -self.args.save_total_limit]:
                 shutil.rmtree(old, ignore_errors=True)
         self.accelerator.wait_for_everyone()

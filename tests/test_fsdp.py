@@ -67,8 +67,9 @@ def test_fsdp_lora_equals_one_process_and_resumes_across_process_counts(referenc
     assert len(system["peak_memory_mb_per_process"]) == 2
     assert max_diff(adapter_tensors(one), adapter_tensors(tmp_path / "two")) <= 1e-5
     # the checkpoint written from the sharded model holds whole tensors, as one process writes them
-    saved = [load_file(run / "checkpoints" / "checkpoint-3" / "trainable.safetensors") for run in (one, tmp_path / "two")]
-    assert max_diff(*saved) <= 1e-5
+    for name in ("trainable.safetensors", "adapter/adapter_model.safetensors"):
+        saved = [load_file(run / "checkpoints" / "checkpoint-3" / name) for run in (one, tmp_path / "two")]
+        assert max_diff(*saved) <= 1e-5
     assert json.loads((tmp_path / "two" / "checkpoints" / "checkpoint-3" / "layout.json").read_text()) == {
         "processes": 2, "batch_size": 2, "grad_accum": 1, "distributed": "fsdp"}
 

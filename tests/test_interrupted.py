@@ -1,12 +1,11 @@
-"""Interrupted eval, merge and export, with real processes: SIGTERM or Ctrl-C while they compute or
-write exits with 128 + the signal and one line, and leaves nothing under the output's name, not
+"""Interrupted eval, merge and export: a real SIGTERM or Ctrl-C while they compute (eval, in its own
+process) or write (merge, export: the command in this process, signalled at a fixed point of its
+writing) exits with 128 + the signal and one line, and leaves nothing under the output's name, not
 even a hidden temp beside it. A signal that arrives while an output is being renamed into place
 waits until it is complete."""
 
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -30,39 +29,41 @@ def beside(out: Path) -> list[str]:
     return sorted(os.listdir(out.parent))
 
 
-def signal_when(proc: subprocess.Popen, ready, signum: int, timeout: float = 300) -> tuple[int, str]:
-    """Send `signum` as soon as `ready()`; (exit code, stderr's last line)."""
-    deadline = time.time() + timeout
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"the command exited ({proc.returncode}) before the signal: {proc.stderr.read()}")
-        if time.time() > deadline:
-            proc.kill()
-            pytest.fail("the command did not get there in time")
-        time.sleep(0.005)
-    os.kill(proc.pid, signum)
-    code = proc.wait(timeout=120)
-    return code, proc.stderr.read().strip().splitlines()[-1]
+def signal_after(monkeypatch, module, name: str, signum: int) -> None:
+    """A real `signum` to this process right after `module.name` returns: a step that runs while the
+    output is still in its hidden temp directory, so the signal lands there every time."""
+    original = getattr(module, name)
+
+    def then_signal(*args, **kwargs):
+        result = original(*args, **kwargs)
+        os.kill(os.getpid(), signum)
+        return result
+
+    monkeypatch.setattr(module, name, then_signal)
 
 
 @pytest.mark.parametrize("signum, extra", [(signal.SIGTERM, []),
                                            (signal.SIGINT, ["--combine", "linear", "--full", "--no-eval"])],
                          ids=["sigterm-one-source", "ctrl-c-combine-full"])
-def test_interrupted_merge_leaves_nothing(run, tmp_path, signum, extra):
+def test_interrupted_merge_leaves_nothing(run, tmp_path, monkeypatch, capsys, signum, extra):
+    import peftkit.merge
+
     out = tmp_path / "merged"
     sources = [str(run)] * (2 if extra else 1)  # a run combined with itself: two named sources
-    proc = run_cli("merge", *sources, *extra, "--out", str(out))
-    code, last = signal_when(proc, lambda: any(p.startswith(".merged.tmp-") for p in beside(out)), signum)
-    assert code == 128 + signum
+    signal_after(monkeypatch, peftkit.merge, "_card", signum)  # the card: the last file written into the temp
+    assert main(["merge", *sources, *extra, "--out", str(out)]) == 128 + signum
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == f"peftkit: merge interrupted by {signal.Signals(signum).name}: nothing was written to {out}"
     assert beside(out) == []
 
 
-def test_interrupted_export_leaves_nothing(run, tmp_path):
+def test_interrupted_export_leaves_nothing(run, tmp_path, monkeypatch, capsys):
+    import peftkit.export
+
     out = tmp_path / "tiny.gguf"
-    proc = run_cli("export", str(run), "--out", str(out))
-    code, last = signal_when(proc, lambda: any(p.startswith(".tiny.gguf.tmp-") for p in beside(out)), signal.SIGINT)
-    assert code == 130
+    signal_after(monkeypatch, peftkit.export, "write_gguf", signal.SIGINT)  # the file written, not yet in place
+    assert main(["export", str(run), "--out", str(out)]) == 130
+    last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last == f"peftkit: export interrupted by SIGINT: nothing was written to {out}"
     assert beside(out) == [] and not out.with_name("tiny.gguf.json").exists()
 
