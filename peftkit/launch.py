@@ -4,8 +4,8 @@
 Why not torch.distributed.run: its agent answers a worker's failure with a traceback of its own,
 and a SIGTERM sent to it alone ends the workers without their checkpoint. Here the parent
 forwards SIGTERM and SIGINT to every worker (each finishes its step and checkpoints, as one process
-does), shows only the main worker's output (the others' only when one of them failed first), and
-exits with the first failure's code, whose one-line error the main worker has already printed.
+does), shows only the main worker's output (another's when it failed first, after which the rest
+are stopped), and exits with that failure's code.
 Each worker runs in its own process group (a terminal's Ctrl-C reaches the parent alone, which
 passes it on once) and gets SIGTERM if the parent dies.
 """
@@ -58,12 +58,8 @@ def launch(command: Sequence[str], nproc: int) -> int:
                               stderr=None if rank == 0 else subprocess.STDOUT, preexec_fn=_detach)
              for rank in range(nproc)]
 
-    def forward(signum: int, frame: object) -> None:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, lambda signum, frame: _signal_all(procs, signum))
+                for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         failed = _wait(procs)
     finally:
@@ -102,7 +98,7 @@ def _wait(procs: list[subprocess.Popen]) -> int | None:
                 signalled = procs[failed].returncode in INTERRUPTED or procs[failed].returncode < 0
                 deadline = time.monotonic() + (SIGNAL_GRACE_S if signalled else ERROR_GRACE_S)
                 if not signalled:
-                    _terminate(procs)
+                    _signal_all(procs, signal.SIGTERM)
         elif time.monotonic() > deadline:
             break
         time.sleep(0.05)
@@ -113,7 +109,8 @@ def _wait(procs: list[subprocess.Popen]) -> int | None:
     return failed
 
 
-def _terminate(procs: list[subprocess.Popen]) -> None:
+def _signal_all(procs: list[subprocess.Popen], signum: int) -> None:
+    """`signum` to every worker still running."""
     for proc in procs:
         if proc.poll() is None:
-            proc.terminate()
+            proc.send_signal(signum)

@@ -43,9 +43,9 @@ from peftkit.runlock import locked
 from peftkit.distributed import (adopt_launcher, check_distributed, check_layout, per_process, train_dtype,
                                  without_layout)
 from peftkit.sharding import gathered, resident_bytes, shard_model, trainable_state
-from peftkit.trainer import (WRITE_ERRORS, CheckpointFailed, PeftkitTrainer, TaskTrainer,
-                             TrainingInterrupted, checkpoints, latest_resumable, load_trainable, peak_memory_mb,
-                             process_peak_memory_mb, reset_peak_memory, write_reason)
+from peftkit.trainer import (WRITE_ERRORS, PeftkitTrainer, TaskTrainer, TrainingInterrupted, checkpoints,
+                             latest_resumable, load_trainable, peak_memory_mb, process_peak_memory_mb,
+                             reset_peak_memory, write_failed)
 
 logger = logging.getLogger(__name__)
 
@@ -163,10 +163,10 @@ def finish_run(recipe: Recipe, state: PartialState, trainer: Trainer, model: tor
               "model_bytes_per_process": per_process(state, resident_bytes([model]))}
     if quantized:
         memory["quantized_base_bytes_per_process"] = per_process(state, resident_bytes(quantized))
-    tensors = trainable_state(model) if run.sharded and recipe.eval.tasks else None  # for the eval model
     with gathered(model):  # the adapter whole for saving: the last collective of a sharded run
         if trainer.args.should_save:
             save_final(save_fn, model, out)
+            tensors = trainable_state(model) if run.sharded and recipe.eval.tasks else None  # whole here already
     if not trainer.args.should_save:
         return out  # other data-parallel ranks: the main process writes the run directory
     metrics = {"train_loss": round(loss, 4)}
@@ -189,10 +189,7 @@ def save_final(save_fn: Callable, model: torch.nn.Module, out: Path) -> None:
     try:
         save_fn(model, out / "adapter")
     except WRITE_ERRORS as exc:
-        last = latest_resumable(out / "checkpoints")
-        kept = f"{last} is intact" if last else "no checkpoint was written"
-        raise CheckpointFailed(f"could not write the adapter to {out / 'adapter'} ({write_reason(exc)}); {kept}: "
-                               f"free space under {out}, then rerun with --resume") from None
+        raise write_failed(f"the adapter to {out / 'adapter'}", out / "checkpoints", out, exc) from None
 
 
 def unsharded(recipe: Recipe, adapter_cfg: Any, trainer: Trainer, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:

@@ -61,6 +61,15 @@ def write_reason(exc: Exception) -> str:
     return str(exc).rsplit("I/O error: ", 1)[-1]
 
 
+def write_failed(what: str, checkpoint_dir: Path, where: Path, exc: Exception) -> CheckpointFailed:
+    """The one-line error for `what` that could not be written under `where`, naming the newest
+    intact checkpoint in `checkpoint_dir` that `--resume` continues from."""
+    last = latest_resumable(checkpoint_dir)
+    kept = f"{last} is intact" if last else "no earlier checkpoint exists"
+    return CheckpointFailed(f"could not write {what} ({write_reason(exc)}); {kept}: free space under {where}, then "
+                            f"rerun with --resume")
+
+
 class TrainingInterrupted(PeftkitError):
     """SIGTERM or Ctrl-C stopped training after a checkpoint; `exit_code` is 128 + the signal."""
 
@@ -107,6 +116,10 @@ class StopOnSignal(TrainerCallback):
             control.should_training_stop = True
 
     def on_train_end(self, args, state, control, **kwargs):
+        self.restore()
+
+    def restore(self) -> None:
+        """The signal handlers as they were before training (also after a run that failed)."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous = {}
@@ -273,6 +286,7 @@ class RunDirectory:
             if self.progress.bar is not None:
                 self.progress.bar.close()
                 self.progress.bar = None
+            self.stopper.restore()  # on_train_end does not run when training raises
 
     def create_optimizer(self, model=None):
         if self.optimizer is None and self.optimizer_factory is not None:
@@ -326,10 +340,7 @@ class RunDirectory:
         except WRITE_ERRORS as exc:  # disk full, quota, file-size limit: the earlier checkpoints are untouched
             root = Path(self.args.output_dir)
             shutil.rmtree(root / f".checkpoint-{self.state.global_step}.tmp", ignore_errors=True)
-            last = latest_resumable(root)
-            kept = f"{last} is intact" if last else "no earlier checkpoint exists"
-            raise CheckpointFailed(f"could not write the checkpoint of step {self.state.global_step} ({write_reason(exc)}); "
-                                   f"{kept}: free space under {root}, then rerun with --resume") from None
+            raise write_failed(f"the checkpoint of step {self.state.global_step}", root, root, exc) from None
 
     def _write_checkpoint(self, model) -> None:
         root = Path(self.args.output_dir)

@@ -90,8 +90,10 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, monkeypatch):
         return model, tok
 
     monkeypatch.setattr("peftkit.train.load_model", poisoned_model)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(TrainingDiverged, match="loss became nan at step 5; last good checkpoint: .*checkpoint-3"):
         train(recipe)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # Ctrl-C works again after a failed run
     assert (Path(recipe.output) / "checkpoints" / "checkpoint-3" / "adapter" / "adapter_model.safetensors").is_file()
     assert not (Path(recipe.output) / "adapter").exists()
 
