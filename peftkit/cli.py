@@ -152,12 +152,16 @@ def cmd_export(args: argparse.Namespace) -> None:
     from peftkit.export import export
 
     record = export(args.source, fmt=args.format, outtype=args.outtype, out=args.out, base=args.base,
-                    overwrite=args.overwrite)
+                    overwrite=args.overwrite, llamacpp=args.llamacpp)
     print(f"wrote {record['path']} ({record['bytes'] / 2**20:.1f} MiB, {record['outtype']})")
     print(f"reloaded with transformers' GGUF loader on {record['prompts']} prompts: max |logit diff| "
           f"{record['max_logit_diff']:.2e}, top-1 agreement {100 * record['top1_agreement']:.2f}%, greedy "
           f"generations equal {record['greedy_generations_equal']}, tokenizer round trip "
           f"{record['tokenizer_round_trip']}")
+    if llama := record.get("llamacpp"):
+        print(f"loaded by {llama['reader']} on {llama['prompts']} prompts: token ids equal {llama['token_ids_equal']}, "
+              f"max |logit diff| {llama['max_logit_diff']:.2e}, top-1 agreement {100 * llama['top1_agreement']:.2f}%, "
+              f"greedy continuations equal {llama['greedy_equal']}")
     if record["warning"]:
         print(f"warning: {record['warning']}")
 
@@ -190,7 +194,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], None], str, str]] = {
     "export": (cmd_export, "write a model, or an adapter merged into its base, as a GGUF file, and check it",
                "examples:\n  peftkit export runs/lora-alpaca --format gguf\n"
                "  peftkit export runs/lora-alpaca --format gguf --outtype q8_0 --out lora-alpaca.q8_0.gguf\n"
-               "  peftkit export merged/lora-alpaca --format gguf   # a directory from peftkit merge"),
+               "  peftkit export merged/lora-alpaca --format gguf   # a directory from peftkit merge\n"
+               "  peftkit export smollm2-135m --llamacpp   # llama.cpp loads it too (python bench/llamacpp.py --build)"),
     "compare": (cmd_compare, "compare run directories in a Markdown table and an offline HTML page with plots",
                 "example:\n  peftkit compare runs/lora-alpaca runs/lora-alpaca-peft runs/qlora-alpaca --out reports/x"),
     "demo": (cmd_demo, "load a model, apply an adapter, merge it and generate an answer",
@@ -255,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--base", default="4bit", choices=["4bit", "original"],
                      help="QLoRA only: merge into the dequantised 4-bit base it was trained on, or the original")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing file")
+    exp.add_argument("--llamacpp", action="store_true",
+                     help="also load the file in llama.cpp and compare (needs llama_cpp: python bench/llamacpp.py --build)")
     comp = sub.choices["compare"]
     comp.add_argument("runs", nargs="+", metavar="RUN", help="run directories written by peftkit train")
     comp.add_argument("--out", required=True, help="directory for report.md and report.html")
@@ -324,7 +331,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     main_process = os.environ.get("RANK", "0") == "0"  # under data parallel, the others log warnings only
     level = logging.DEBUG if args.debug else logging.INFO if main_process else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    for noisy in ("transformers", "httpx", "urllib3", "filelock", "bitsandbytes"):  # bnb: a kernel hint at import
+    # bitsandbytes and kernels: a kernel hint and an offline-mode notice at import
+    for noisy in ("transformers", "httpx", "urllib3", "filelock", "bitsandbytes", "kernels"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.debug else logging.ERROR)
     term = args.command != "train" and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if term else None  # train checkpoints on SIGTERM

@@ -8,7 +8,11 @@ metadata keys, the rotary permutation of Llama's q/k, Gemma's norm offsets, what
 describe) sits in the family's file under `peftkit.models`. Every export reloads the file with
 transformers' GGUF loader and measures it against the model it came from on fixed prompts: whether
 the tokenizer round-trips, the max logit difference, teacher-forced top-1 agreement and greedy
-generations. The record lands beside the file (`<file>.json`).
+generations. Before that, every metadata key, tensor name, `tokenizer.ggml.model` and
+`tokenizer.ggml.pre` is checked against the names llama.cpp's source accepts
+(`peftkit.llamacpp_names`); with `llamacpp=True`, llama.cpp itself loads the file and is measured
+the same way (`peftkit.gguf_llamacpp`). The record lands beside the file (`<file>.json`) and names
+the readers that checked it (`checked_by`).
 """
 
 import json
@@ -21,11 +25,13 @@ from types import ModuleType
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 
+from peftkit import llamacpp_names
 from peftkit.atomic import signals_held, temp_path
 from peftkit.errors import ConfigError, ModelError
-from peftkit.gguf_tokenizer import add_tokenizer
+from peftkit.gguf_tokenizer import Writer, add_tokenizer
 from peftkit.models import load_model
 from peftkit.models.registry import FAMILIES as MODEL_FAMILIES
 
@@ -49,7 +55,7 @@ TOP_TENSORS = {  # transformers names outside the layers -> llama.cpp names, the
 
 
 def export(source: str | Path, *, fmt: str = "gguf", outtype: str = "f16", out: str | Path | None = None,
-           base: str = "4bit", overwrite: bool = False) -> dict:
+           base: str = "4bit", overwrite: bool = False, llamacpp: bool = False) -> dict:
     """Write `source` as a GGUF file and return the reload check, also saved as `<file>.json`.
 
     Args:
@@ -60,11 +66,14 @@ def export(source: str | Path, *, fmt: str = "gguf", outtype: str = "f16", out: 
         out: the file to write; None: `<name>-<outtype>.gguf` in the run or model directory.
         base: QLoRA adapters only: merge into the dequantised 4-bit base (default) or the original.
         overwrite: replace an existing file.
+        llamacpp: also load the file in llama.cpp and compare (needs the `llama_cpp` module).
 
     Raises:
-        ConfigError: a bad option, or `out` exists without `overwrite`.
+        ConfigError: a bad option, `out` exists without `overwrite`, or `llamacpp` without the
+            `llama_cpp` module.
         ModelError: not a Llama, Qwen2 or Gemma 3 text model, one llama.cpp's layout cannot
-            describe, or a tokenizer GGUF cannot describe.
+            describe, a tokenizer GGUF (or llama.cpp) cannot describe, or a file llama.cpp
+            would refuse.
         AdapterError: a prefix or prompt adapter (cannot merge).
     """
     if fmt != "gguf":
@@ -77,6 +86,10 @@ def export(source: str | Path, *, fmt: str = "gguf", outtype: str = "f16", out: 
         raise ConfigError(f"--out {out}: a GGUF file name ends in .gguf")
     if (out.exists() or sidecar.exists()) and not overwrite:
         raise ConfigError(f"{out} already exists: pass --overwrite to replace it, or choose another --out")
+    if llamacpp:
+        from peftkit.gguf_llamacpp import load_binding
+
+        load_binding()  # before any work: no module is a one-line error now, not after the export
     model, tokenizer, label = load_source(source, base)
     family = family_of(model)
 
@@ -87,8 +100,21 @@ def export(source: str | Path, *, fmt: str = "gguf", outtype: str = "f16", out: 
         path = work / out.name
         started = time.perf_counter()
         write_gguf(model, tokenizer, path, outtype, label, family)
+        if problems := llamacpp_names.file_problems(path):
+            raise ModelError(f"GGUF export wrote a file {llamacpp_names.source()} would not read as meant "
+                             f"({'; '.join(problems)}): report it, and {INSTEAD}")
         record = {"source": str(source), "model": label, "format": "gguf", "outtype": outtype,
                   "bytes": path.stat().st_size, **verify(model, tokenizer, path)}
+        record["checked_by"] = [f"transformers {transformers.__version__} GGUF loader (reload, logits, generations)",
+                                f"{llamacpp_names.source()} names (metadata keys, tensor names, tokenizer)"]
+        if llamacpp:
+            from peftkit.gguf_llamacpp import check
+
+            record["llamacpp"] = check(model, tokenizer, path)
+            if not record["llamacpp"]["loads"]:
+                raise ModelError(f"llama.cpp refuses the exported file ({record['llamacpp']['error']}): nothing was "
+                                 f"written; report it, and {INSTEAD}")
+            record["checked_by"].append(f"{record['llamacpp']['reader']} (load, token ids, logits, generations)")
         record["seconds"] = round(time.perf_counter() - started, 1)  # writing and checking
         record["warning"] = _warning(record)
         (work / sidecar.name).write_text(json.dumps(record, indent=2) + "\n")
@@ -148,7 +174,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, outtype: str, name: str,
 
     config = model.config
     vocab = model.get_input_embeddings().weight.shape[0]
-    writer = gguf.GGUFWriter(str(path), family.GGUF_ARCH)
+    writer = Writer(str(path), family.GGUF_ARCH)
     writer.add_name(name)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -253,4 +279,9 @@ def _warning(record: dict) -> str | None:
         problems.append(f"greedy generations equal on {record['greedy_generations_equal']} probes")
     if record["top1_agreement"] < 1:
         problems.append(f"top-1 tokens agree on {100 * record['top1_agreement']:.1f}% of positions")
+    if llama := record.get("llamacpp"):
+        every = f"{llama['prompts']}/{llama['prompts']}"
+        problems += [f"llama.cpp: {what} {llama[key]}" for key, what in
+                     (("token_ids_equal", "token ids equal transformers' on"),
+                      ("greedy_equal", "greedy continuations equal on")) if llama[key] != every]
     return "; ".join(problems) or None

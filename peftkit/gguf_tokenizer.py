@@ -1,7 +1,8 @@
 """A transformers fast tokenizer as GGUF metadata, in the two forms llama.cpp's converter writes.
 
 - `gpt2`: byte-level BPE (SmolLM2, Qwen2, the tiny models): the vocabulary in byte-alphabet
-  spelling, the merges, and llama.cpp's name for the pre-tokenizer's split (`tokenizer.ggml.pre`).
+  spelling, the merges (an empty list for a byte vocabulary without any), and llama.cpp's name for
+  the pre-tokenizer's split (`tokenizer.ggml.pre`, `peftkit.llamacpp_names.pre_tokenizer`).
 - `llama`: SentencePiece-style BPE (Gemma 3): spaces as U+2581, unknown bytes as `<0xNN>` tokens;
   pieces, scores and token types as `_set_vocab_sentencepiece` writes them, no merges (the
   GGUF loader rebuilds them from the pieces' order, llama.cpp merges by score).
@@ -13,7 +14,10 @@ byte pieces BYTE, ids past the vocabulary `[PAD<i>]` UNUSED.
 import json
 import re
 
+import gguf
+
 from peftkit.errors import ModelError
+from peftkit.llamacpp_names import pre_tokenizer
 
 BYTE_PIECE = re.compile(r"<0x[0-9A-F]{2}>")
 SPACE = "\u2581"  # SentencePiece's visible space
@@ -23,7 +27,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, allowed: tuple[str, ...], 
     """Write `tokenizer` into `writer` as the llama.cpp tokenizer model it is.
 
     Args:
-        writer: a `gguf.GGUFWriter`.
+        writer: a `Writer` (it can write an empty merges list).
         tokenizer: a transformers fast tokenizer.
         vocab_size: rows of the embedding matrix (ids past the tokenizer are padded).
         allowed: the llama.cpp tokenizer models this architecture's export can write.
@@ -45,11 +49,9 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, allowed: tuple[str, ...], 
     writer.add_token_types(types)
     if kind == "gpt2":
         merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"].get("merges") or []]
-        writer.add_tokenizer_pre(pre_tokenizer_name(backend.get("pre_tokenizer") or {}, bool(merges), instead))
-        if merges:
-            writer.add_token_merges(merges)
-        else:  # a pure byte vocabulary: the GGUF loader derives (no) merges from scores
-            writer.add_token_scores([0.0] * vocab_size)
+        writer.add_tokenizer_pre(pre_tokenizer(tokenizer, bool(merges), instead))
+        # an empty list too: llama.cpp refuses a BPE file without the key (see `Writer`)
+        writer.add_key_value("tokenizer.ggml.merges", merges, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
     else:
         writer.add_token_scores(piece_scores(backend["model"].get("merges") or [], tokens))
         writer.add_add_space_prefix(False)  # as llama.cpp writes for Gemma 3: no space before the first word
@@ -80,8 +82,6 @@ def tokenizer_kind(backend: dict) -> str | None:
 
 def token_table(tokenizer, vocab_size: int, byte_pieces: bool) -> tuple[list[str], list[int]]:
     """(tokens, token types) for ids 0 .. vocab_size - 1."""
-    import gguf
-
     tokens = [f"[PAD{i}]" for i in range(vocab_size)]
     types = [gguf.TokenType.UNUSED] * vocab_size
     for token, index in tokenizer.get_vocab().items():
@@ -105,29 +105,15 @@ def piece_scores(merges: list, tokens: list[str]) -> list[float]:
     return [-float(rank[token]) if token in rank else 0.0 for token in tokens]
 
 
-def pre_tokenizer_name(pre: dict, has_merges: bool, instead: str) -> str:
-    """llama.cpp's name for how text is split before byte-level BPE."""
-    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [part.get("type") for part in parts]
-    if kinds == ["ByteLevel"] and (parts[0].get("use_regex", True) or not has_merges):
-        return "gpt2"  # GPT-2's split regex (a byte vocabulary without merges splits the same any way)
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
-        return "smollm"  # digits one by one, then GPT-2's regex
-    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True) and \
-            parts[0].get("behavior") == "Isolated" and not parts[0].get("invert"):
-        name = split_names().get(parts[0].get("pattern", {}).get("Regex"))
-        if name is not None:
-            return name
-    raise ModelError(f"GGUF export cannot describe this tokenizer's pre-tokenizer ({' + '.join(map(str, kinds))}): "
-                     f"{instead}")
+class Writer(gguf.GGUFWriter):
+    """gguf-py's writer, able to write an empty array.
 
+    Note: gguf-py drops empty arrays (`add_array`) and refuses them (`_pack_val`), but GGUF allows
+    them and llama.cpp needs `tokenizer.ggml.merges` in every BPE file, a byte vocabulary with no
+    merges included. An empty typed array is its element type and a count of 0.
+    """
 
-def split_names() -> dict[str, str]:
-    """Split regex -> llama.cpp pre-tokenizer name, from the table transformers' GGUF loader
-    splits by (first name wins: `qwen2`, `llama3`, ...), so the reload splits as the source did."""
-    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_PRE_TOKENIZER_SPLITS
-
-    names = {}
-    for name, regex in GGUF_PRE_TOKENIZER_SPLITS.items():
-        names.setdefault(regex, name)
-    return names
+    def _pack_val(self, val, vtype, add_vtype: bool, sub_type=None) -> bytes:
+        if vtype == gguf.GGUFValueType.ARRAY and sub_type is not None and len(val) == 0:
+            return (self._pack("I", vtype) if add_vtype else b"") + self._pack("I", sub_type) + self._pack("Q", 0)
+        return super()._pack_val(val, vtype, add_vtype, sub_type)

@@ -27,6 +27,7 @@ from peftkit.models.registry import Part, RegistryEntry
 
 logger = logging.getLogger(__name__)
 CHUNK = 1 << 22
+GGUF_PRE_KEY = "gguf_tokenizer_pre"  # tokenizer_config.json: the source GGUF file's tokenizer.ggml.pre
 
 
 def cache_dir() -> Path:
@@ -82,6 +83,7 @@ def _build_cache(entry: RegistryEntry, out: Path) -> None:
         gguf_path = assemble(entry, work)
         convert = getattr(entry.family, "convert_gguf", None)
         model, tokenizer = convert(gguf_path) if convert else _transformers_gguf(gguf_path)
+        record_gguf_pre(tokenizer, gguf_path)
     # The GGUF loader leaves a `quantization_config` (quant_method gguf) that save_pretrained
     # rejects; the weights are already dequantised to fp32, so rebuild the config without it.
     config = model.config.to_dict()
@@ -98,6 +100,16 @@ def _transformers_gguf(path: Path):
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     return model, tokenizer
+
+
+def record_gguf_pre(tokenizer, path: Path) -> None:
+    """Keep the source file's `tokenizer.ggml.pre` in the tokenizer's config (`gguf_tokenizer_pre`),
+    so a GGUF export of this model, or of one merged from it, writes the name llama.cpp gave it."""
+    import gguf
+
+    field = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    if field is not None:
+        tokenizer.init_kwargs[GGUF_PRE_KEY] = field.contents()
 
 
 def assemble(entry: RegistryEntry, work: Path) -> Path:
