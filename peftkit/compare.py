@@ -7,7 +7,9 @@ whose interval excludes zero. Beside them: trainable parameters (and % of the ba
 memory, training tokens/s and time, adapter size, forgetting (the rise of the held-out loss on
 a source outside the training mix over the base model's, when the base was evaluated), and
 the loss curves. Runs that differ only in `impl` (peftkit vs peft) are paired. Sample outputs
-show the base model's answer beside each method's for a few held-out prompts.
+show the base model's answer beside each method's for a few held-out prompts. Rank intervals,
+the probability of beating LoRA (and full fine-tuning) and a verdict come from
+`peftkit.verdict`, and `report.json` holds it all for other tools.
 
 The HTML page has inline styles and matplotlib's SVG plots inlined: it works offline, with no
 script and nothing to fetch.
@@ -16,115 +18,19 @@ script and nothing to fetch.
 import html
 import json
 import math
-import re
 import shutil
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 from peftkit import plots, stats
 from peftkit.errors import ConfigError
-from peftkit.methods import method_label
+from peftkit.groups import (FORGETTING_TASK, Group, forgetting, groups_of, interval, main_metric, metric_names,
+                            reference_group, significance)
+from peftkit.run_summary import RunSummary, method_name, summarize  # noqa: F401  (the report's inputs, re-exported)
+from peftkit.verdict import rank_rows, report_json, verdict
 
-SEED_SUFFIX = re.compile(r"-seed\d+$")
-MAIN_METRICS = ("sst2/accuracy", "e2e/bleu", "gsm8k/exact_match", "e2e/rougeL")  # the tradeoff plot's, first found
-FORGETTING_TASK = "alpaca-heldout"
-
-
-@dataclass
-class RunSummary:
-    name: str
-    method: str
-    impl: str
-    recipe: dict
-    metrics: dict[str, float] = field(default_factory=dict)
-    trainable: int = 0
-    total: int = 0
-    peak_memory_mb: float = float("nan")
-    tokens_per_s: float = float("nan")
-    wall_time_s: float = float("nan")
-    adapter_bytes: int = 0
-    losses: list[tuple[int, float]] = field(default_factory=list)
-    skipped: dict[str, str] = field(default_factory=dict)  # eval task -> why it was not scored
-    scores: dict[str, dict[str, list]] = field(default_factory=dict)  # eval task -> per-example statistics
-    examples: dict[str, list[dict]] = field(default_factory=dict)  # eval task -> a few predictions
-    train_time_s: float = float("nan")
-
-    @property
-    def group(self) -> str:
-        """The method's name without a seed suffix: runs of one group differ only in their seed."""
-        return SEED_SUFFIX.sub("", self.name)
-
-    @property
-    def trainable_pct(self) -> float:
-        return 100 * self.trainable / self.total if self.total else float("nan")
-
-
-def _json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def method_name(adapter_config: dict) -> str:
-    kind = adapter_config.get("peft_type", "?").lower()
-    if kind == "lora":
-        if (adapter_config.get("peftkit") or {}).get("base_quantization"):
-            return "qlora"
-        return "dora" if adapter_config.get("use_dora") else "lora"
-    return {"prefix_tuning": "prefix", "prompt_tuning": "prompt"}.get(kind, kind)
-
-
-def recipe_method(recipe: dict) -> str | None:
-    """The method a run's recipe asked for (peft's saved config cannot tell QLoRA from LoRA)."""
-    from peftkit.api import resolve_adapter
-
-    try:
-        cfg = resolve_adapter(recipe.get("adapter", "lora"), **(recipe.get("adapter_overrides") or {}))
-    except ConfigError:
-        return None
-    return method_label(cfg)
-
-
-def summarize(run: Path) -> RunSummary:
-    """What one run directory says about itself."""
-    if not (run / "recipe.yaml").is_file() or not (run / "adapter").is_dir():
-        raise ConfigError(f"{run} is not a finished run directory (needs recipe.yaml and adapter/): "
-                          f"pass directories written by peftkit train")
-    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
-    system = _json(run / "system.json")
-    metrics, skipped, scores, examples = {}, {}, {}, {}
-    for task, result in (_json(run / "eval.json").get("tasks") or {}).items():
-        if result.get("skipped"):
-            skipped[task] = result["skipped"]
-        if result.get("scores"):
-            scores[task] = result["scores"]
-        if result.get("examples"):
-            examples[task] = result["examples"]
-        for key, value in (result.get("metrics") or {}).items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                metrics[f"{task}/{key}"] = float(value)
-    losses = []
-    if (run / "metrics.jsonl").is_file():
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            record = json.loads(line)
-            if "loss" in record:
-                losses.append((record["step"], record["loss"]))
-    method = recipe_method(recipe) or method_name(_json(run / "adapter" / "adapter_config.json"))
-    impl = recipe.get("impl", "peftkit")
-    combined = _json(run / "adapter" / "merge.json")  # a combination of other runs' adapters (peftkit merge A B)
-    if combined.get("combination"):
-        method = f"{combined['combination']} of {' + '.join(s['name'] for s in combined.get('sources', []))}"
-        impl = "combination"
-    return RunSummary(
-        name=run.name, method=method, impl=impl, recipe=recipe, metrics=metrics,
-        trainable=system.get("trainable_parameters", 0), total=system.get("total_parameters", 0),
-        peak_memory_mb=system.get("peak_memory_mb", float("nan")), tokens_per_s=system.get("tokens_per_s", float("nan")),
-        wall_time_s=system.get("wall_time_s", float("nan")),
-        adapter_bytes=sum(p.stat().st_size for p in (run / "adapter").iterdir() if p.suffix == ".safetensors"),
-        losses=losses, skipped=skipped, scores=scores, examples=examples,
-        train_time_s=system.get("train_time_s", float("nan")))
 
 
 def setup_line(runs: list[RunSummary]) -> str:
@@ -174,110 +80,6 @@ def fmt_metric(metric: str, value: float) -> str:
     return f"{value:.1f}"
 
 
-# --- one row per method: seeds grouped, intervals, significance -------------------------------
-@dataclass
-class Group:
-    """The runs of one method (one per seed)."""
-
-    name: str
-    runs: list[RunSummary]
-    index: int  # colour
-    cache: dict = field(default_factory=dict)  # bootstrap results: each table and plot reads them again
-
-    def cached(self, key: tuple, compute):
-        if key not in self.cache:
-            self.cache[key] = compute()
-        return self.cache[key]
-
-    @property
-    def first(self) -> RunSummary:
-        return self.runs[0]
-
-    def mean(self, attribute: str) -> float:
-        values = [getattr(r, attribute) for r in self.runs]
-        values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
-        return float(np.mean(values)) if values else float("nan")
-
-    def scores(self, task: str) -> list[dict[str, list]] | None:
-        found = [r.scores.get(task) for r in self.runs]
-        return found if all(found) else None
-
-    def trained_on(self, task: str) -> bool:
-        sources = (self.first.recipe.get("data") or {}).get("train") or []
-        sources = [sources] if isinstance(sources, str) else sources
-        return any(task.split("-")[0] in str(source) for source in sources)
-
-
-def groups_of(runs: list[RunSummary]) -> list[Group]:
-    found: dict[str, list[RunSummary]] = {}
-    for run in runs:
-        found.setdefault(run.group, []).append(run)
-    return [Group(name, members, i) for i, (name, members) in enumerate(found.items())]
-
-
-def reference_group(groups: list[Group]) -> Group | None:
-    """LoRA through peftkit: the group named `lora`, else the first LoRA group."""
-    by_name = {g.name: g for g in groups}
-    if "lora" in by_name:
-        return by_name["lora"]
-    return next((g for g in groups if g.first.method == "lora" and g.first.impl == "peftkit"), None)
-
-
-def interval(group: Group, metric: str) -> stats.Interval | None:
-    """The metric's mean over seeds with its 95 % interval (over examples and seeds), or the plain
-    mean and spread where the runs stored no per-example statistics."""
-    return group.cached(("interval", metric), lambda: _interval(group, metric))
-
-
-def _interval(group: Group, metric: str) -> stats.Interval | None:
-    task, name = metric.split("/", 1)
-    scores = group.scores(task)
-    if scores and all(stats.supports(name, s) for s in scores):
-        return stats.interval(name, scores)
-    values = [r.metrics[metric] for r in group.runs if metric in r.metrics]
-    if not values:
-        return None
-    return stats.Interval(float(np.mean(values)), float("nan"), float("nan"), len(values),
-                          float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
-
-
-def significance(group: Group, reference: Group | None, metric: str) -> stats.Interval | None:
-    """The difference to the reference with its paired 95 % interval, where both stored statistics."""
-    if reference is None or group is reference:
-        return None
-    return group.cached(("difference", reference.name, metric), lambda: _significance(group, reference, metric))
-
-
-def _significance(group: Group, reference: Group, metric: str) -> stats.Interval | None:
-    task, name = metric.split("/", 1)
-    ours, theirs = group.scores(task), reference.scores(task)
-    if not (ours and theirs and all(stats.supports(name, s) for s in ours + theirs)):
-        return None
-    try:
-        return stats.difference(name, ours, theirs)
-    except ValueError:  # different example sets
-        return None
-
-
-def forgetting(group: Group, base: dict | None) -> stats.Interval | str | None:
-    """The rise of the held-out loss on a source outside the training mix over the base model's
-    (peft's benchmark's forgetting), paired over the same examples."""
-    return group.cached(("forgetting", id(base)), lambda: _forgetting(group, base))
-
-
-def _forgetting(group: Group, base: dict | None) -> stats.Interval | str | None:
-    base_scores = ((base or {}).get("tasks") or {}).get(FORGETTING_TASK, {}).get("scores")
-    ours = group.scores(FORGETTING_TASK)
-    if not base_scores or not ours:
-        return None
-    if group.trained_on(FORGETTING_TASK):
-        return "in training mix"
-    try:
-        return stats.difference("loss", ours, [base_scores])
-    except ValueError:
-        return None
-
-
 def _cell(metric: str, found: stats.Interval | None, diff: stats.Interval | None) -> str:
     if found is None:
         return "-"
@@ -301,10 +103,6 @@ def _forgetting_cell(value) -> str:
 
 GROUP_COLUMNS = ["method", "impl", "seeds", "trainable", "% of base", "peak MiB", "train tok/s", "train s",
                  "adapter MiB"]
-
-
-def metric_names(runs: list[RunSummary]) -> list[str]:
-    return sorted({m for r in runs for m in r.metrics})
 
 
 def group_rows(groups: list[Group], base: dict | None) -> tuple[list[str], list[list[str]]]:
@@ -414,6 +212,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines + ["| " + " | ".join(escape(c) for c in row) + " |" for row in rows])
 
 
+RANKS_NOTE = ("Rank intervals: in each of 1,000 bootstrap draws (the examples resampled once for every method, "
+              "each method's seeds resampled), the methods are ranked (1 = best); a method's interval is the "
+              "2.5 to 97.5 % range of its rank. P(beats X): the share of those draws in which it beats X.")
 INTERVALS_NOTE = ("Metrics are percentages (losses in nats per token): the mean over seeds, ± the standard "
                   "deviation over seeds where there are several, and [a 95 % bootstrap interval] over the "
                   "evaluated examples (and seeds). `*`: the difference to LoRA has a 95 % interval that "
@@ -424,6 +225,9 @@ def render_markdown(runs: list[RunSummary], command: str, base: dict | None = No
     groups = groups_of(runs)
     parts = ["# PEFT methods compared", "", f"Produced by `{command}`.", "", setup_line(runs), "",
              markdown_table(*group_rows(groups, base)), "", INTERVALS_NOTE]
+    if len(groups) > 1:
+        parts += ["", "## Verdict", ""] + [f"- {line}" for line in verdict(groups)]
+        parts += ["", "## Ranks", "", markdown_table(*rank_rows(groups)), "", RANKS_NOTE]
     header, rows = significance_rows(groups)
     if rows:
         parts += ["", "## Differences to LoRA", "", markdown_table(header, rows)]
@@ -468,7 +272,11 @@ def render_html(runs: list[RunSummary], command: str, base: dict | None = None) 
     sections = [f"<h1>PEFT methods compared</h1><p>Produced by <code>{html.escape(command)}</code>.</p>",
                 f"<p>{html.escape(setup_line(runs))}</p>", html_table(*group_rows(groups, base)),
                 f"<p>{html.escape(INTERVALS_NOTE)}</p>"]
-    main = next((m for m in MAIN_METRICS if m in metrics), None)
+    if len(groups) > 1:
+        items = "".join(f"<li>{html.escape(line)}</li>" for line in verdict(groups))
+        sections += [f"<h2>Verdict</h2><ul>{items}</ul>", "<h2>Ranks</h2>", html_table(*rank_rows(groups)),
+                     f"<p>{html.escape(RANKS_NOTE)}</p>"]
+    main = main_metric(metrics)
     if main:
         costs = {"trainable parameters": [float(g.first.trainable or "nan") for g in groups],
                  "peak memory (MiB)": [g.mean("peak_memory_mb") for g in groups],
@@ -502,7 +310,7 @@ def render_html(runs: list[RunSummary], command: str, base: dict | None = None) 
 
 def compare(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool = False, command: str = "",
             base_eval: str | Path | None = None) -> Path:
-    """Write report.md and report.html for the runs into `out`; returns `out`.
+    """Write report.md, report.html and report.json for the runs into `out`; returns `out`.
 
     `base_eval`: the base model's eval.json on the same tasks, for forgetting and sample outputs.
     """
@@ -524,6 +332,7 @@ def compare(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fa
     tmp.mkdir()
     (tmp / "report.md").write_text(render_markdown(runs, command, base))
     (tmp / "report.html").write_text(render_html(runs, command, base))
+    (tmp / "report.json").write_text(json.dumps(report_json(groups_of(runs), runs), indent=2) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

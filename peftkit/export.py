@@ -101,8 +101,9 @@ def export(source: str | Path, *, fmt: str = "gguf", outtype: str = "f16", out: 
         started = time.perf_counter()
         write_gguf(model, tokenizer, path, outtype, label, family)
         if problems := llamacpp_names.file_problems(path):
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
             raise ModelError(f"GGUF export wrote a file {llamacpp_names.source()} would not read as meant "
-                             f"({'; '.join(problems)}): report it, and {INSTEAD}")
+                             f"({'; '.join(problems[:3])}{more}): report it, and {INSTEAD}")
         record = {"source": str(source), "model": label, "format": "gguf", "outtype": outtype,
                   "bytes": path.stat().st_size, **verify(model, tokenizer, path)}
         record["checked_by"] = [f"transformers {transformers.__version__} GGUF loader (reload, logits, generations)",
@@ -284,4 +285,9 @@ def _warning(record: dict) -> str | None:
         problems += [f"llama.cpp: {what} {llama[key]}" for key, what in
                      (("token_ids_equal", "token ids equal transformers' on"),
                       ("greedy_equal", "greedy continuations equal on")) if llama[key] != every]
+        # a differing token is benign only where the model's best two were within the rounding
+        wide = max(llama["top1_flip_margin"], llama["greedy_split_margin"])
+        if wide > llama["max_logit_diff"]:
+            problems.append(f"llama.cpp picks another token where the model's best two are {wide:.3f} apart, more "
+                            f"than the file's largest logit difference ({llama['max_logit_diff']:.3f})")
     return "; ".join(problems) or None

@@ -49,7 +49,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, allowed: tuple[str, ...], 
     writer.add_token_types(types)
     if kind == "gpt2":
         merges = [m if isinstance(m, str) else " ".join(m) for m in backend["model"].get("merges") or []]
-        writer.add_tokenizer_pre(pre_tokenizer(tokenizer, bool(merges), instead))
+        writer.add_tokenizer_pre(pre_tokenizer(tokenizer, bool(merges)))
         # an empty list too: llama.cpp refuses a BPE file without the key (see `Writer`)
         writer.add_key_value("tokenizer.ggml.merges", merges, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
     else:

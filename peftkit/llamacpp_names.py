@@ -28,6 +28,7 @@ TENSOR_KINDS = ("weight", "bias")
 
 @cache
 def names() -> dict:
+    """The table in `llamacpp_names.json` (see the module docstring)."""
     return json.loads(Path(__file__).with_name("llamacpp_names.json").read_text())
 
 
@@ -36,7 +37,7 @@ def source() -> str:
     return f"llama.cpp {names()['llama_cpp']} (vendored by llama-cpp-python {names()['llama_cpp_python']})"
 
 
-def pre_tokenizer(tokenizer, has_merges: bool, instead: str) -> str:
+def pre_tokenizer(tokenizer, has_merges: bool) -> str:
     """llama.cpp's name for how `tokenizer` splits text before byte-level BPE (`tokenizer.ggml.pre`).
 
     In order: the name the GGUF file the model came from gave (recorded in the tokenizer's config
@@ -47,7 +48,9 @@ def pre_tokenizer(tokenizer, has_merges: bool, instead: str) -> str:
     Args:
         tokenizer: a transformers fast tokenizer with a byte-level BPE model.
         has_merges: whether its BPE model has merges.
-        instead: the fix hint a refusal ends with.
+
+    Returns:
+        One of the names llama.cpp accepts for `tokenizer.ggml.pre`.
 
     Raises:
         ModelError: llama.cpp would not recognise this tokenizer (the converter refuses it too).
@@ -61,9 +64,11 @@ def pre_tokenizer(tokenizer, has_merges: bool, instead: str) -> str:
         return recognised
     if not has_merges:
         return BYTE_VOCAB_PRE
-    raise ModelError(f"llama.cpp does not recognise the pre-tokenizer of tokenizer {tokenizer.name_or_path!r} "
-                     f"(check hash {digest[:16]}... is not among {source()}'s {len(names()['pre_tokenizer_hashes'])}) "
-                     f"and would refuse the file: {instead}")
+    raise ModelError(f"llama.cpp does not recognise the pre-tokenizer of tokenizer {tokenizer.name_or_path!r} (its "
+                     f"check hash {digest[:16]}... is none of the {len(names()['pre_tokenizer_hashes'])} known to "
+                     f"{source()}), so it would refuse the file: if llama.cpp splits text as this tokenizer does under "
+                     f"a name of its own, set \"{GGUF_PRE_KEY}\" to that name in the tokenizer's "
+                     f"tokenizer_config.json (llama.cpp's convert_hf_to_gguf_update.py adds new tokenizers)")
 
 
 def check_hash(tokenizer) -> str:
@@ -76,7 +81,10 @@ def problems(fields: dict[str, object], tensors: list[str]) -> list[str]:
 
     Args:
         fields: metadata key -> value (strings compared, others only named).
-        tensors: the file's tensor names.
+        tensors: the file's tensor names (checked against every architecture's names).
+
+    Returns:
+        One sentence per problem; empty when there is none.
     """
     table, found = names(), []
     arch = fields.get("general.architecture")
@@ -94,6 +102,7 @@ def problems(fields: dict[str, object], tensors: list[str]) -> list[str]:
 
 @cache
 def tensor_pattern() -> re.Pattern:
+    """One regex for every tensor name llama.cpp knows (`%d` a block index), with `.weight` or `.bias`."""
     names_ = (re.escape(name).replace("%d", r"\d+") for name in names()["tensors"])
     return re.compile(f"(?:{'|'.join(names_)})\\.(?:{'|'.join(TENSOR_KINDS)})")
 

@@ -138,3 +138,51 @@ def difference(metric: str, runs: Sequence[dict[str, list]], reference: Sequence
     value = (np.mean([metric_value(metric, s) for s in runs]) - np.mean([metric_value(metric, s) for s in reference]))
     low, high = np.quantile(samples, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
     return Interval(float(value), float(low), float(high), len(runs), 0.0)
+
+
+# --- ranks among several methods ---------------------------------------------------------------
+LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+
+
+def bootstrap_matrix(metric: str, methods: Sequence[Sequence[dict[str, list]]], resamples: int = RESAMPLES,
+                     seed: int = 0) -> np.ndarray:
+    """Each method's metric in each bootstrap draw, shape (resamples, methods).
+
+    Every draw resamples the examples once for all methods (they scored the same examples: the
+    comparison is paired), then each method's seeds with replacement, and averages over them.
+
+    Raises:
+        ValueError: the methods scored different numbers of examples.
+    """
+    sizes = {len(runs[0][METRICS[metric][0][0]]) for runs in methods}
+    if len(sizes) != 1:
+        raise ValueError(f"{metric}: the methods scored different examples ({sorted(sizes)}): evaluate them on one set")
+    rng = np.random.default_rng(seed + 3)
+    matrix = np.empty((resamples, len(methods)))
+    for row, index in enumerate(_draws(sizes.pop(), resamples, seed)):
+        for column, runs in enumerate(methods):
+            picked = rng.integers(0, len(runs), size=len(runs)) if len(runs) > 1 else [0]
+            matrix[row, column] = np.mean([metric_value(metric, runs[i], index) for i in picked])
+    return matrix
+
+
+def ranks(matrix: np.ndarray, metric: str) -> np.ndarray:
+    """Each method's rank in each draw (1 = best; tied methods share the better rank), as `matrix`."""
+    better = -matrix if metric in LOWER_IS_BETTER else matrix  # higher is better from here on
+    return 1 + (better[:, None, :] > better[:, :, None]).sum(axis=2)
+
+
+def rank_interval(matrix: np.ndarray, metric: str) -> list[tuple[int, int]]:
+    """Per method, the 2.5 to 97.5 % range of its rank over the draws (whole ranks)."""
+    found = ranks(matrix, metric)
+    low = np.quantile(found, (1 - LEVEL) / 2, axis=0, method="lower")
+    high = np.quantile(found, (1 + LEVEL) / 2, axis=0, method="higher")
+    return [(int(a), int(b)) for a, b in zip(low, high)]
+
+
+def probability_better(matrix: np.ndarray, metric: str, method: int, reference: int) -> float:
+    """The share of draws in which `method` beats `reference` on `metric` (a tie counts half)."""
+    ours, theirs = matrix[:, method], matrix[:, reference]
+    if metric in LOWER_IS_BETTER:
+        ours, theirs = -ours, -theirs
+    return float(np.mean(ours > theirs) + 0.5 * np.mean(ours == theirs))

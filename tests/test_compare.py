@@ -123,3 +123,18 @@ def test_seeds_intervals_significance_and_forgetting(runs, tmp_path):
     assert "in training mix" in rows["lora"]  # write_recipe trains on alpaca: not forgetting
     assert re.search(r"\| \+0\.(19\d|20\d) \[\+0\.1\d\d, \+0\.2\d\d\] \|", rows["dora"])  # 2 nats / 10 tokens
     assert "| dora | sst2/accuracy | +2" in markdown and "| yes |" in markdown
+    # ranks, the probability of beating LoRA and the verdict, all from the bootstrap; report.json holds them
+    assert "| method | rank: alpaca-heldout/loss | rank: sst2/accuracy | P(beats lora) on sst2/accuracy |" in markdown
+    assert "| lora | [1, 1] | [2, 2] | - |" in markdown and "| dora | [2, 2] | [1, 1] | 1.00 |" in markdown
+    assert "- On sst2/accuracy, the methods whose 95 % rank interval includes 1 (none can be told apart as the " \
+           "best): dora." in markdown
+    assert "- Pareto front of sst2/accuracy against trainable parameters: lora, dora." in markdown
+    report = json.loads((out / "report.json").read_text())
+    assert report["model"] == "tiny-llama" and report["selection"] is None and report["main_metric"] == "sst2/accuracy"
+    by_name = {m["name"]: m for m in report["methods"]}
+    assert len(by_name["lora"]["seeds"]) == 2 and by_name["dora"]["rank"]["sst2/accuracy"] == [1, 1]
+    accuracy = by_name["lora"]["metrics"]["sst2/accuracy"]
+    assert accuracy["ci"][0] < accuracy["mean"] < accuracy["ci"][1] and accuracy["sd"] > 0
+    assert by_name["dora"]["p_beats"] == {"lora": {"alpaca-heldout/loss": pytest.approx(0.0, abs=0.01),
+                                                   "sst2/accuracy": 1.0}}  # its held-out loss is a nat higher
+    assert by_name["dora"]["trainable"] > by_name["lora"]["trainable"] > 0 and by_name["lora"]["converged"] is None

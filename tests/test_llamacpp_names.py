@@ -72,7 +72,7 @@ def test_smollm2_exports_as_llamacpp_names_it(smol_dir, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(smol_dir)
     assert llamacpp_names.check_hash(tokenizer) == "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249"
     tokenizer.init_kwargs.pop(GGUF_PRE_KEY, None)  # a cache built before the source's name was kept
-    assert llamacpp_names.pre_tokenizer(tokenizer, True, "fix") == "smollm"  # recognised by its hash
+    assert llamacpp_names.pre_tokenizer(tokenizer, True) == "smollm"  # recognised by its hash
     adapter = saved_adapter(tmp_path / "adapter", "smollm2-135m", std=0.01)
     record = export(adapter, outtype="q8_0", out=tmp_path / "smol.gguf")
     fields = fields_of(tmp_path / "smol.gguf")
@@ -102,15 +102,16 @@ def test_a_tokenizer_llamacpp_does_not_know_is_refused(tmp_path):
     model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(source)
     tokenizer.save_pretrained(source)
-    with pytest.raises(ModelError, match=r"llama.cpp does not recognise the pre-tokenizer of tokenizer .*model'.*"
-                                         r"\(check hash [0-9a-f]{16}\.\.\. is not among llama.cpp 0c1e57098") as refused:
+    with pytest.raises(ModelError, match=r"llama.cpp does not recognise the pre-tokenizer of tokenizer .*model' "
+                                         r"\(its check hash [0-9a-f]{16}\.\.\. is none of the 95 known to llama.cpp "
+                                         r"0c1e57098 .*set \"gguf_tokenizer_pre\" to that name") as refused:
         export(str(source), out=tmp_path / "m.gguf")
     assert "\n" not in str(refused.value) and not list(tmp_path.glob("*.gguf*"))
     tokenizer.init_kwargs[GGUF_PRE_KEY] = "gpt-2"  # as a model cached from a GGUF file carries it: kept
-    assert llamacpp_names.pre_tokenizer(tokenizer, True, "fix") == "gpt-2"
+    assert llamacpp_names.pre_tokenizer(tokenizer, True) == "gpt-2"
     tokenizer.init_kwargs[GGUF_PRE_KEY] = "gpt2"  # a value llama.cpp does not accept is not kept
     with pytest.raises(ModelError, match="does not recognise"):
-        llamacpp_names.pre_tokenizer(tokenizer, True, "fix")
+        llamacpp_names.pre_tokenizer(tokenizer, True)
 
 
 def test_the_cache_keeps_the_source_files_name(tmp_path, monkeypatch):
@@ -135,3 +136,18 @@ def test_a_llamacpp_check_without_llamacpp_is_one_line(tmp_path, monkeypatch):
         export("tiny-llama", out=tmp_path / "m.gguf", llamacpp=True)
     gguf_llamacpp.load_binding.cache_clear()
     assert "\n" not in str(missing.value) and not (tmp_path / "m.gguf").exists()
+
+
+def test_a_binding_without_its_library_is_one_line(tmp_path, monkeypatch):
+    from peftkit import gguf_llamacpp
+
+    fake = tmp_path / "site" / "llama_cpp"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise FileNotFoundError(\"Shared library with base name 'llama' not found\")\n")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)
+    gguf_llamacpp.load_binding.cache_clear()
+    with pytest.raises(ConfigError, match=r"needs the llama_cpp module: .* \(Shared library with base name 'llama' "
+                                          r"not found\)$"):
+        gguf_llamacpp.load_binding()
+    gguf_llamacpp.load_binding.cache_clear()

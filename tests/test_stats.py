@@ -68,3 +68,30 @@ def test_paired_difference_is_significant_only_for_a_real_effect():
     assert same.contains(0.0) and not real.contains(0.0) and real.low > 5
     with pytest.raises(ValueError, match="different examples"):
         stats.difference("accuracy", [{"correct": [1, 0]}], [{"correct": [1, 0, 1]}])
+
+
+def test_probability_of_beating_follows_the_resampling_math():
+    """A method right on one more of n examples than another, and the same elsewhere, beats it in
+    every draw that picks that example and ties in the others: P = 1 - (1 - 1/n)^n / 2."""
+    n = 100
+    reference = [1] * 60 + [0] * 40
+    ahead = reference[:]
+    ahead[-1] = 1
+    matrix = stats.bootstrap_matrix("accuracy", [[{"correct": ahead}], [{"correct": reference}]])
+    expected = 1 - 0.5 * (1 - 1 / n) ** n  # 0.817
+    assert stats.probability_better(matrix, "accuracy", 0, 1) == pytest.approx(expected, abs=0.03)
+    assert stats.probability_better(matrix, "accuracy", 1, 0) == pytest.approx(1 - expected, abs=0.03)
+    assert stats.probability_better(matrix, "accuracy", 0, 0) == 0.5
+
+
+def test_rank_intervals_separate_only_what_the_data_separates():
+    rng = np.random.default_rng(2)
+    scores = [[{"correct": list((rng.random(872) < p).astype(int))}] for p in (0.9, 0.6, 0.6)]
+    matrix = stats.bootstrap_matrix("accuracy", scores)
+    assert stats.rank_interval(matrix, "accuracy") == [(1, 1), (2, 3), (2, 3)]
+    losses = [[{"nll": [2.0] * 50, "tokens": [1] * 50}], [{"nll": [3.0] * 50, "tokens": [1] * 50}]]
+    assert stats.rank_interval(stats.bootstrap_matrix("loss", losses), "loss") == [(1, 1), (2, 2)]  # lower is better
+    tied = stats.bootstrap_matrix("accuracy", [scores[0], scores[0]])
+    assert stats.rank_interval(tied, "accuracy") == [(1, 1), (1, 1)]  # a tie shares the better rank
+    with pytest.raises(ValueError, match="different examples"):
+        stats.bootstrap_matrix("accuracy", [[{"correct": [1, 0]}], [{"correct": [1, 0, 1]}]])
