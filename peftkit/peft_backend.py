@@ -127,8 +127,8 @@ class PeftAllocator:
 
     def begin(self, steps: int) -> None:
         if self.cfg.total_step is None:  # peft needs total_step up front: a placeholder until the run's length is known
-            self.cfg.check_schedule(steps)
-            self.config.total_step = steps
+            self.cfg.resolve(steps)
+            self.config.total_step, self.config.tinit, self.config.tfinal = steps, self.cfg.tinit, self.cfg.tfinal
 
     def update_and_allocate(self, step: int) -> None:
         self.model.base_model.update_and_allocate(step)

@@ -13,6 +13,7 @@ from peft.tuners.adalora.layer import RankAllocator as PeftRankAllocator
 from safetensors.torch import load_file
 
 import peftkit
+from peftkit.api import resolve_adapter
 from peftkit.errors import ConfigError
 from peftkit.methods import METHODS
 from peftkit.methods.adalora import AdaLoRAConfig, RankAllocator
@@ -100,11 +101,24 @@ def test_config_errors():
         AdaLoRAConfig(init_r=4, target_r=8)
     with pytest.raises(ConfigError, match="no pruning phase"):
         AdaLoRAConfig(total_step=10, tinit=6, tfinal=4)
+    with pytest.raises(ConfigError, match=r"tinit must be whole steps >= 0 or a fraction of the run's steps in \[0, 1\)"):
+        AdaLoRAConfig(tinit=1.5)
+    with pytest.raises(ConfigError, match=r"tinit \(0.6\) and tfinal \(0.5\) leave no pruning phase"):
+        AdaLoRAConfig(tinit=0.6, tfinal=0.5)
+
+
+def test_fractions_of_the_run_become_whole_steps():
+    """The paper spreads the schedule over the whole run: the preset's 10 % warm-up and 30 % final
+    stretch become whole steps once the run's length is known."""
+    assert (AdaLoRAConfig(tinit=0.1, tfinal=0.3, total_step=50).tinit, AdaLoRAConfig(tfinal=0.3, total_step=50).tfinal) \
+        == (5, 15)
+    preset = resolve_adapter("adalora")
+    assert (preset.tinit, preset.tfinal, preset.total_step) == (0.1, 0.3, None)
 
 
 def adalora_recipe(tmp_path, **train_section):
     return write_recipe(tmp_path, adapter="adalora",
-                        adapter_overrides={"init_r": 6, "target_r": 3, "tinit": 1, "tfinal": 2, "delta_t": 1},
+                        adapter_overrides={"init_r": 6, "target_r": 3, "tinit": 0.125, "tfinal": 0.25, "delta_t": 1},
                         train={"max_steps": 8, "save_steps": 4, "lr": 2e-2, **train_section})
 
 
@@ -114,6 +128,7 @@ def test_train_runs_the_schedule_as_impl_peft(tmp_path):
     theirs = train(load_recipe(str(path), ["impl=peft", f"output={tmp_path / 'theirs'}"]))
     configs = [json.loads((run / "adapter" / "adapter_config.json").read_text()) for run in (ours, theirs)]
     assert configs[0]["total_step"] == configs[1]["total_step"] == 8  # the run's steps
+    assert [(c["tinit"], c["tfinal"]) for c in configs] == [(1, 2), (1, 2)]  # 1/8 and 1/4 of them
     assert configs[0]["rank_pattern"] == configs[1]["rank_pattern"]
     assert sum(map(sum, configs[0]["rank_pattern"].values())) == 3 * 4
     loss = lambda run: [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731

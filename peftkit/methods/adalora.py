@@ -8,7 +8,10 @@ During training the rank allocator (`RankAllocator`, run by `peftkit train` afte
 optimizer step) scores each triplet (E_i, A_i, B_:i) by the smoothed sensitivity |p * grad|
 times its uncertainty (paper, eqs. 8-11), and zeroes the E of the lowest-scoring ones until
 the total rank follows a cubic schedule from init_r per layer down to target_r on average
-(eq. 12). The loss carries the orthogonality penalty on A and B (eq. 4).
+(eq. 12). The loss carries the orthogonality penalty on A and B (eq. 4). The schedule's
+warm-up (`tinit`) and final stretch (`tfinal`) are whole steps or fractions of the run's steps
+(the preset's 0.1 and 0.3, as the paper spreads its schedule over the whole run), fixed once
+the run's length is known, so a short run reaches its final ranks too.
 
 Saved adapters hold each layer's surviving triplets only, with `rank_pattern` (one flag per
 initial rank) in adapter_config.json, as peft saves them, so they load in peft with the
@@ -20,6 +23,7 @@ squares; the scale is alpha / init_r rather than alpha / r. Where peft fails, ou
 not: a budget step that prunes nothing (k = 0 in peft's `kthvalue`, a crash there) is a no-op.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -43,8 +47,8 @@ class AdaLoRAConfig:
     alpha: float = 8.0  # the update is scaled by alpha / init_r
     dropout: float = 0.0  # dropout on the adapter's input during training
     target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])  # names, a regex, or all-linear
-    tinit: int = 0  # warm-up steps before any rank is pruned
-    tfinal: int = 0  # final steps trained at the final ranks
+    tinit: int | float = 0  # warm-up before any rank is pruned: steps, or a fraction of the run's (0.1)
+    tfinal: int | float = 0  # the final stretch at the final ranks: steps, or a fraction of the run's (0.3)
     delta_t: int = 1  # prune every delta_t steps in between
     beta1: float = 0.85  # smoothing of the sensitivity
     beta2: float = 0.85  # smoothing of its uncertainty
@@ -63,15 +67,30 @@ class AdaLoRAConfig:
         self.target_modules = check_targets(self.target_modules)
         for name in ("tinit", "tfinal"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{name} must be a whole number of steps >= 0, got {value!r}")
+            steps = isinstance(value, int) and not isinstance(value, bool) and value >= 0
+            if not (steps or isinstance(value, float) and 0 <= value < 1):
+                raise ConfigError(f"{name} must be whole steps >= 0 or a fraction of the run's steps in [0, 1) "
+                                  f"(0.1 for the warm-up, 0.3 for the final stretch), got {value!r}")
+        if isinstance(self.tinit, float) and isinstance(self.tfinal, float) and self.tinit + self.tfinal >= 1:
+            raise ConfigError(f"tinit ({self.tinit}) and tfinal ({self.tfinal}) leave no pruning phase: together "
+                              f"they must stay below 1, 0.1 and 0.3 for example")
         check_positive_int("delta_t", self.delta_t, ": prune every delta_t steps, 1 or more")
         check_number("beta1", self.beta1, 1e-12, 1.0, ": a smoothing factor in (0, 1), 0.85 by default")
         check_number("beta2", self.beta2, 1e-12, 1.0, ": a smoothing factor in (0, 1), 0.85 by default")
         check_number("orth_reg_weight", self.orth_reg_weight, 0.0, float("inf"))
         if self.total_step is not None:
             check_positive_int("total_step", self.total_step, ": or leave it out to use the run's steps")
-            self.check_schedule(self.total_step)
+            self.resolve(self.total_step)
+
+    def resolve(self, total_step: int) -> None:
+        """Fix the schedule to `total_step` steps: fractions become whole steps (rounded), then checked."""
+        self.total_step = total_step
+        self.tinit, self.tfinal = (round(v * total_step) if isinstance(v, float) else v for v in (self.tinit, self.tfinal))
+        self.check_schedule(total_step)
+
+    def placeholder_steps(self) -> int:
+        """Before training knows its length: the shortest schedule the whole steps allow, or 100 with fractions."""
+        return self.tinit + self.tfinal + 1 if isinstance(self.tinit + self.tfinal, int) else 100
 
     def check_schedule(self, total_step: int) -> None:
         if self.tinit >= total_step - self.tfinal:
@@ -157,10 +176,12 @@ class AdaLoRAMethod(LayerMethod):
         return pattern or None
 
     def peft_fields(self, cfg: AdaLoRAConfig, model: nn.Module) -> dict:
-        total = cfg.total_step or cfg.tinit + cfg.tfinal + 1  # before training: the schedule's shortest valid length
+        schedule = cfg
+        if cfg.total_step is None:  # before training: a placeholder schedule, fixed by `begin`
+            schedule = dataclasses.replace(cfg, total_step=cfg.placeholder_steps())
         return {"init_r": cfg.init_r, "target_r": cfg.target_r, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout,
-                "tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.delta_t, "beta1": cfg.beta1, "beta2": cfg.beta2,
-                "orth_reg_weight": cfg.orth_reg_weight, "total_step": total, "rank_pattern": self.rank_pattern(model),
+                "tinit": schedule.tinit, "tfinal": schedule.tfinal, "deltaT": cfg.delta_t, "beta1": cfg.beta1, "beta2": cfg.beta2,
+                "orth_reg_weight": cfg.orth_reg_weight, "total_step": schedule.total_step, "rank_pattern": self.rank_pattern(model),
                 "r": 8, "bias": "none", "init_lora_weights": True, "use_rslora": False, "use_dora": False,
                 "layers_to_transform": None, "layers_pattern": None}
 
@@ -295,8 +316,7 @@ class RankAllocator:
     def begin(self, steps: int) -> None:
         """Training starts with `steps` optimizer steps: the schedule's length unless the config sets one."""
         if self.cfg.total_step is None:
-            self.cfg.check_schedule(steps)
-            self.cfg.total_step = steps
+            self.cfg.resolve(steps)
 
     def update_and_allocate(self, step: int) -> None:
         """After the optimizer step of `step` (0-based), before its gradients are cleared."""
