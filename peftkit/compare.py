@@ -26,11 +26,10 @@ import numpy as np
 
 from peftkit import plots, stats
 from peftkit.errors import ConfigError
-from peftkit.groups import (FORGETTING_TASK, Group, forgetting, groups_of, interval, main_metric, metric_names,
+from peftkit.groups import (FORGETTING_TASK, MAIN_METRICS, Group, forgetting, groups_of, interval, metric_names,
                             reference_group, significance)
 from peftkit.run_summary import RunSummary, method_name, summarize  # noqa: F401  (the report's inputs, re-exported)
 from peftkit.verdict import rank_rows, report_json, verdict
-
 
 
 def setup_line(runs: list[RunSummary]) -> str:
@@ -221,8 +220,9 @@ INTERVALS_NOTE = ("Metrics are percentages (losses in nats per token): the mean 
                   "excludes 0 (paired over the same examples).")
 
 
-def render_markdown(runs: list[RunSummary], command: str, base: dict | None = None) -> str:
-    groups = groups_of(runs)
+def render_markdown(runs: list[RunSummary], command: str, base: dict | None = None,
+                    groups: list[Group] | None = None) -> str:
+    groups = groups or groups_of(runs)
     parts = ["# PEFT methods compared", "", f"Produced by `{command}`.", "", setup_line(runs), "",
              markdown_table(*group_rows(groups, base)), "", INTERVALS_NOTE]
     if len(groups) > 1:
@@ -266,8 +266,9 @@ def _points(groups: list[Group], metric: str) -> list[plots.Point]:
     return points
 
 
-def render_html(runs: list[RunSummary], command: str, base: dict | None = None) -> str:
-    groups = groups_of(runs)
+def render_html(runs: list[RunSummary], command: str, base: dict | None = None,
+                groups: list[Group] | None = None) -> str:
+    groups = groups or groups_of(runs)
     metrics = metric_names(runs)
     sections = [f"<h1>PEFT methods compared</h1><p>Produced by <code>{html.escape(command)}</code>.</p>",
                 f"<p>{html.escape(setup_line(runs))}</p>", html_table(*group_rows(groups, base)),
@@ -276,7 +277,7 @@ def render_html(runs: list[RunSummary], command: str, base: dict | None = None) 
         items = "".join(f"<li>{html.escape(line)}</li>" for line in verdict(groups))
         sections += [f"<h2>Verdict</h2><ul>{items}</ul>", "<h2>Ranks</h2>", html_table(*rank_rows(groups)),
                      f"<p>{html.escape(RANKS_NOTE)}</p>"]
-    main = main_metric(metrics)
+    main = next((m for m in MAIN_METRICS if m in metrics), None)  # a score: the plot's front keeps the higher
     if main:
         costs = {"trainable parameters": [float(g.first.trainable or "nan") for g in groups],
                  "peak memory (MiB)": [g.mean("peak_memory_mb") for g in groups],
@@ -330,9 +331,10 @@ def compare(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fa
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
-    (tmp / "report.md").write_text(render_markdown(runs, command, base))
-    (tmp / "report.html").write_text(render_html(runs, command, base))
-    (tmp / "report.json").write_text(json.dumps(report_json(groups_of(runs), runs), indent=2) + "\n")
+    groups = groups_of(runs)  # once: every table, plot and report.json reads the same bootstrap results
+    (tmp / "report.md").write_text(render_markdown(runs, command, base, groups))
+    (tmp / "report.html").write_text(render_html(runs, command, base, groups))
+    (tmp / "report.json").write_text(json.dumps(report_json(groups, runs), indent=2, allow_nan=False) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

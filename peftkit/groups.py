@@ -3,7 +3,9 @@ reference, forgetting, and bootstrap ranks among the methods (`peftkit.stats`). 
 computed once per group and kept (`Group.cached`): every table, plot and report.json reads it."""
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -23,7 +25,7 @@ class Group:
     index: int  # colour
     cache: dict = field(default_factory=dict)  # bootstrap results: each table and plot reads them again
 
-    def cached(self, key: tuple, compute):
+    def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]
@@ -33,11 +35,13 @@ class Group:
         return self.runs[0]
 
     def mean(self, attribute: str) -> float:
+        """The mean of a run attribute over the seeds that have it (NaN where none does)."""
         values = [getattr(r, attribute) for r in self.runs]
         values = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
         return float(np.mean(values)) if values else float("nan")
 
     def scores(self, task: str) -> list[dict[str, list]] | None:
+        """Each seed's per-example statistics for `task`; None unless every seed stored them."""
         found = [r.scores.get(task) for r in self.runs]
         return found if all(found) else None
 
@@ -48,6 +52,7 @@ class Group:
 
 
 def groups_of(runs: list[RunSummary]) -> list[Group]:
+    """One group per method, in the runs' order; runs that differ only in their seed share one."""
     found: dict[str, list[RunSummary]] = {}
     for run in runs:
         found.setdefault(run.group, []).append(run)
@@ -118,6 +123,7 @@ def _forgetting(group: Group, base: dict | None) -> stats.Interval | str | None:
 
 
 def metric_names(runs: list[RunSummary]) -> list[str]:
+    """Every `task/metric` any run reports, sorted."""
     return sorted({m for r in runs for m in r.metrics})
 
 
@@ -165,5 +171,10 @@ def full_group(groups: list[Group]) -> Group | None:
 
 
 def main_metric(metrics: list[str]) -> str | None:
-    """The metric a verdict and the tradeoff plot are about: the first of MAIN_METRICS found, else the first."""
-    return next((m for m in MAIN_METRICS if m in metrics), metrics[0] if metrics else None)
+    """The metric a verdict is about: the first of MAIN_METRICS found, else the first score, else the first loss."""
+    scores = [m for m in metrics if not lower_is_better(m)]
+    return next((m for m in MAIN_METRICS if m in metrics), (scores or metrics or [None])[0])
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.rsplit("/", 1)[-1] in stats.LOWER_IS_BETTER

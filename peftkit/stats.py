@@ -65,6 +65,7 @@ def _macro_f1(predicted: np.ndarray, labels: np.ndarray) -> float:
 # metric name -> (the per-example statistics it needs, the metric of a resample of them)
 METRICS: dict[str, tuple[tuple[str, ...], Callable[..., float]]] = {
     "accuracy": (("correct",), lambda correct: 100 * float(np.mean(correct))),
+    "exact_match": (("correct",), lambda correct: 100 * float(np.mean(correct))),
     "f1_macro": (("prediction", "label"), _macro_f1),
     "loss": (("nll", "tokens"), lambda nll, tokens: float(np.sum(nll) / np.sum(tokens))),
     "perplexity": (("nll", "tokens"), lambda nll, tokens: math.exp(float(np.sum(nll) / np.sum(tokens)))),
@@ -152,9 +153,9 @@ def bootstrap_matrix(metric: str, methods: Sequence[Sequence[dict[str, list]]], 
     comparison is paired), then each method's seeds with replacement, and averages over them.
 
     Raises:
-        ValueError: the methods scored different numbers of examples.
+        ValueError: the methods (or seeds) scored different numbers of examples.
     """
-    sizes = {len(runs[0][METRICS[metric][0][0]]) for runs in methods}
+    sizes = {len(scores[METRICS[metric][0][0]]) for runs in methods for scores in runs}
     if len(sizes) != 1:
         raise ValueError(f"{metric}: the methods scored different examples ({sorted(sizes)}): evaluate them on one set")
     rng = np.random.default_rng(seed + 3)

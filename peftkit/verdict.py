@@ -11,8 +11,8 @@ methods no other beats on both.
 import math
 
 from peftkit import plots
-from peftkit.groups import (Group, full_group, interval, main_metric, metric_names, probabilities_better,
-                            rank_intervals, reference_group)
+from peftkit.groups import (Group, full_group, interval, lower_is_better, main_metric, metric_names,
+                            probabilities_better, rank_intervals, reference_group)
 from peftkit.run_summary import RunSummary
 
 COSTS = {"trainable parameters": "trainable", "peak memory": "peak_memory_mb", "training time": "train_time_s"}
@@ -21,6 +21,7 @@ CONVERGENCE = ("Convergence is not judged: these runs have no selection split to
 
 
 def cost(group: Group, attribute: str) -> float:
+    """A cost of the method for the Pareto fronts (NaN where the runs did not record it)."""
     return float(group.first.trainable or "nan") if attribute == "trainable" else group.mean(attribute)
 
 
@@ -30,19 +31,39 @@ def verdict(groups: list[Group]) -> list[str]:
     main = main_metric(metrics)
     if main is None:
         return ["No metric to judge: the runs were not evaluated."]
+    return [best_line(groups, main)] + pareto_lines(groups, main) + [CONVERGENCE]
+
+
+def best_line(groups: list[Group], main: str) -> str:
+    """Which methods cannot be told apart from the best on `main`, and which could not be ranked."""
     ranked = rank_intervals(groups, main)
-    if ranked:
-        best = [name for name, (low, _) in ranked.items() if low == 1]
-        lines = [f"On {main}, the methods whose 95 % rank interval includes 1 (none can be told apart as the "
-                 f"best): {', '.join(best)}."]
+    if not ranked:
+        return (f"On {main}, no ranks: fewer than two methods stored per-example statistics for it on the same "
+                f"examples.")
+    best = [name for name, (low, _) in ranked.items() if low == 1]
+    if len(best) == 1:
+        line = f"On {main}, {best[0]} is the best: it alone has a 95 % rank interval that includes 1."
     else:
-        lines = [f"On {main}, no ranks: the runs stored no per-example statistics for it."]
-    values = [interval(g, main).value if interval(g, main) else float("nan") for g in groups]
+        line = (f"On {main}, {', '.join(best)} cannot be told apart as the best: each has a 95 % rank interval "
+                f"that includes 1.")
+    left_out = [g.name for g in groups if g.name not in ranked]
+    if left_out:
+        line += (f" Not ranked (no per-example statistics for {main}, or other examples): "
+                 f"{', '.join(left_out)}.")
+    return line
+
+
+def pareto_lines(groups: list[Group], main: str) -> list[str]:
+    """Per cost, the methods no other beats on both that cost and `main` (point estimates)."""
+    sign = -1.0 if lower_is_better(main) else 1.0  # the front keeps the higher y
+    values = [sign * interval(g, main).value if interval(g, main) else float("nan") for g in groups]
+    lines = []
     for label, attribute in COSTS.items():
         front = plots.pareto_front([(cost(g, attribute), v) for g, v in zip(groups, values)])
         if front:
-            lines.append(f"Pareto front of {main} against {label}: {', '.join(groups[i].name for i in front)}.")
-    return lines + [CONVERGENCE]
+            lines.append(f"Pareto front of {main} against {label} (means): "
+                         f"{', '.join(groups[i].name for i in front)}.")
+    return lines
 
 
 def rank_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
@@ -81,12 +102,12 @@ def report_json(groups: list[Group], runs: list[RunSummary]) -> dict:
         methods.append({
             "name": g.name, "method": g.first.method, "impl": g.first.impl, "tuning": None,
             "seeds": [(r.recipe.get("train") or {}).get("seed") for r in g.runs],
-            "metrics": {m: {"mean": i.value, "sd": i.spread, "ci": [_number(i.low), _number(i.high)]}
-                        for m, i in found.items() if i is not None},
+            "metrics": {m: {"mean": _number(i.value), "sd": _number(i.spread),
+                            "ci": [_number(i.low), _number(i.high)]} for m, i in found.items() if i is not None},
             "rank": {m: list(ranks[m][g.name]) for m in metrics if g.name in ranks[m]},
             "p_beats": {name: {m: p[g.name] for m, p in per_metric.items() if g.name in p}
                         for name, per_metric in chances.items() if name != g.name},
-            "trainable": g.first.trainable, "peak_memory_mb": _number(g.mean("peak_memory_mb")),
+            "trainable": g.first.trainable or None, "peak_memory_mb": _number(g.mean("peak_memory_mb")),
             "train_seconds": _number(g.mean("train_time_s")), "converged": None,
         })
     return {"model": models[0] if len(models) == 1 else models, "selection": None, "main_metric": main,

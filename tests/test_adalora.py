@@ -16,7 +16,7 @@ import peftkit
 from peftkit.api import resolve_adapter
 from peftkit.errors import ConfigError
 from peftkit.methods import METHODS
-from peftkit.methods.adalora import AdaLoRAConfig, RankAllocator
+from peftkit.methods.adalora import AdaLoRAConfig, RankAllocator, steps_of
 from peftkit.recipe import load_recipe
 from peftkit.train import train
 from tests.conftest import randomize_adapter, token_batch, train_losses
@@ -147,3 +147,10 @@ def test_resume_restores_the_schedule(tmp_path):
     resumed = train(load_recipe(str(path)), resume=True)
     a, b = (load_file(run / "adapter" / "adapter_model.safetensors") for run in (straight, resumed))
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_fractions_round_half_up_and_placeholders_fit():
+    assert [AdaLoRAConfig(tinit=0.1, total_step=n).tinit for n in (5, 15, 25, 35)] == [1, 2, 3, 4]  # not to even
+    mixed = AdaLoRAConfig(tinit=0.1, tfinal=200)  # before training: a schedule with a pruning phase, for peft
+    total = mixed.placeholder_steps()
+    assert steps_of(0.1, total) + 200 < total and steps_of(0.1, total - 1) + 200 >= total - 1  # the shortest: 223

@@ -24,6 +24,7 @@ not: a budget step that prunes nothing (k = 0 in peft's `kthvalue`, a crash ther
 """
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -83,19 +84,28 @@ class AdaLoRAConfig:
             self.resolve(self.total_step)
 
     def resolve(self, total_step: int) -> None:
-        """Fix the schedule to `total_step` steps: fractions become whole steps (rounded), then checked."""
+        """Fix the schedule to `total_step` steps: fractions become whole steps, then it is checked."""
         self.total_step = total_step
-        self.tinit, self.tfinal = (round(v * total_step) if isinstance(v, float) else v for v in (self.tinit, self.tfinal))
+        self.tinit, self.tfinal = (steps_of(v, total_step) for v in (self.tinit, self.tfinal))
         self.check_schedule(total_step)
 
     def placeholder_steps(self) -> int:
-        """Before training knows its length: the shortest schedule the whole steps allow, or 100 with fractions."""
-        return self.tinit + self.tfinal + 1 if isinstance(self.tinit + self.tfinal, int) else 100
+        """Before training knows its length: the shortest schedule with a pruning phase (for peft's
+        config, which needs one up front)."""
+        total = 1
+        while steps_of(self.tinit, total) >= total - steps_of(self.tfinal, total):
+            total += 1
+        return total
 
     def check_schedule(self, total_step: int) -> None:
         if self.tinit >= total_step - self.tfinal:
             raise ConfigError(f"AdaLoRA's schedule has no pruning phase: tinit ({self.tinit}) must be below the steps "
                               f"({total_step}) minus tfinal ({self.tfinal}): lower tinit or tfinal, or train longer")
+
+
+def steps_of(value: int | float, total_step: int) -> int:
+    """Whole steps, or a fraction of `total_step` rounded half up (Python's round() rounds half to even)."""
+    return value if isinstance(value, int) else math.floor(value * total_step + 0.5)
 
 
 class AdaLoRALinear(AdapterLayer):
