@@ -53,6 +53,7 @@ def add_tokenizer(writer, tokenizer, vocab_size: int, allowed: tuple[str, ...], 
         # an empty list too: llama.cpp refuses a BPE file without the key (see `Writer`)
         writer.add_key_value("tokenizer.ggml.merges", merges, gguf.GGUFValueType.ARRAY, gguf.GGUFValueType.STRING)
     else:
+        writer.add_tokenizer_pre("default")  # as llama.cpp's converter writes for SentencePiece (which ignores it)
         writer.add_token_scores(piece_scores(backend["model"].get("merges") or [], tokens))
         writer.add_add_space_prefix(False)  # as llama.cpp writes for Gemma 3: no space before the first word
     for token_id, add in ((tokenizer.bos_token_id, writer.add_bos_token_id),

@@ -91,7 +91,7 @@ def test_every_tiny_export_passes(source, tmp_path):
     if fields["tokenizer.ggml.model"] == "gpt2":  # the tiny byte vocabulary: no merges, but the key llama.cpp needs
         assert fields["tokenizer.ggml.pre"] == "gpt-2" and fields["tokenizer.ggml.merges"] == []
     else:
-        assert "tokenizer.ggml.pre" not in fields and "tokenizer.ggml.merges" not in fields
+        assert fields["tokenizer.ggml.pre"] == "default" and "tokenizer.ggml.merges" not in fields  # as llama.cpp's
     assert [reader.split(" ")[0] for reader in record["checked_by"]] == ["transformers", "llama.cpp"]
 
 
