@@ -22,6 +22,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from types import ModuleType
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -89,20 +90,18 @@ def build_seconds() -> float | None:
     return json.loads(record.read_text())["seconds"] if record.is_file() else None
 
 
-def binding():
-    """The `llama_cpp` module, on the library `build()` made (its own package: no compiler runs)."""
-    lib = build()
+def binding() -> ModuleType:
+    """The `llama_cpp` module, on the library `build()` made: its package installed beside the build
+    (no compiler runs), then found there as `peftkit export --llamacpp` finds it."""
+    from peftkit.gguf_llamacpp import load_binding
+
+    build()
     target = home() / "python"
     if not (target / "llama_cpp" / "__init__.py").is_file():
         env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
         subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
                         str(home() / f"llama_cpp_python-{VERSION}.tar.gz"), DISKCACHE], check=True, env=env)
-    os.environ["LLAMA_CPP_LIB_PATH"] = str(lib)
-    if str(target) not in sys.path:
-        sys.path.insert(0, str(target))
-    import llama_cpp
-
-    return llama_cpp
+    return load_binding()
 
 
 # --- what the source accepts -------------------------------------------------------------------

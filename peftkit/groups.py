@@ -165,6 +165,11 @@ def probabilities_better(groups: list[Group], metric: str, reference: Group | No
             for i, g in enumerate(ranked) if g is not reference}
 
 
+def references(groups: list[Group]) -> list[Group]:
+    """What every method is measured against: LoRA, and full fine-tuning where the runs include it."""
+    return [g for g in (reference_group(groups), full_group(groups)) if g is not None]
+
+
 def full_group(groups: list[Group]) -> Group | None:
     """Full fine-tuning, the papers' reference row, where the runs include it (`full`)."""
     return next((g for g in groups if g.name == "full" or g.first.method == "full"), None)

@@ -11,8 +11,8 @@ methods no other beats on both.
 import math
 
 from peftkit import plots
-from peftkit.groups import (Group, full_group, interval, lower_is_better, main_metric, metric_names,
-                            probabilities_better, rank_intervals, reference_group)
+from peftkit.groups import (Group, interval, lower_is_better, main_metric, metric_names, probabilities_better,
+                            rank_intervals, references)
 from peftkit.run_summary import RunSummary
 
 COSTS = {"trainable parameters": "trainable", "peak memory": "peak_memory_mb", "training time": "train_time_s"}
@@ -72,8 +72,7 @@ def rank_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
     metrics = [m for m in metric_names([r for g in groups for r in g.runs]) if not m.endswith("/perplexity")]
     main = main_metric(metrics)
     ranks = {m: rank_intervals(groups, m) for m in metrics}
-    references = [r for r in (reference_group(groups), full_group(groups)) if r is not None]
-    chances = {r.name: probabilities_better(groups, main, r) for r in references} if main else {}
+    chances = {r.name: probabilities_better(groups, main, r) for r in references(groups)} if main else {}
     header = ["method"] + [f"rank: {m}" for m in metrics] + [f"P(beats {name}) on {main}" for name in chances]
     rows = []
     for g in groups:
@@ -93,8 +92,7 @@ def report_json(groups: list[Group], runs: list[RunSummary]) -> dict:
     metrics = metric_names(runs)
     main = main_metric(metrics)
     ranks = {m: rank_intervals(groups, m) for m in metrics}
-    references = [r for r in (reference_group(groups), full_group(groups)) if r is not None]
-    chances = {r.name: {m: probabilities_better(groups, m, r) for m in metrics} for r in references}
+    chances = {r.name: {m: probabilities_better(groups, m, r) for m in metrics} for r in references(groups)}
     models = list(dict.fromkeys(str(r.recipe.get("model")) for r in runs))
     methods = []
     for g in groups:
