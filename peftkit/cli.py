@@ -73,7 +73,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = train(recipe, source=str(find_recipe(args.recipe)), resume=args.resume, overwrite=args.overwrite)
     if os.environ.get("RANK", "0") != "0":
         return  # the main process says where the run is
-    print(f"adapter: {out / 'adapter'}")
+    from peftkit.methods.full import saved_dir
+
+    saved = saved_dir(out)
+    print(f"{saved.name + ':':<8} {saved}")
     print(f"metrics: {out / 'metrics.jsonl'}")
     if (out / "eval.json").is_file():
         print(f"eval:    {out / 'eval.json'}")

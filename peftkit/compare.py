@@ -29,7 +29,7 @@ from peftkit.errors import ConfigError
 from peftkit.groups import (FORGETTING_TASK, MAIN_METRICS, Group, forgetting, groups_of, interval, metric_names,
                             reference_group, significance)
 from peftkit.run_summary import RunSummary, method_name, summarize  # noqa: F401  (the report's inputs, re-exported)
-from peftkit.verdict import rank_rows, report_json, verdict
+from peftkit.verdict import rank_rows, report_json, tuning_note, tuning_rows, verdict
 
 
 def setup_line(runs: list[RunSummary]) -> str:
@@ -221,13 +221,15 @@ INTERVALS_NOTE = ("Metrics are percentages (losses in nats per token): the mean 
 
 
 def render_markdown(runs: list[RunSummary], command: str, base: dict | None = None,
-                    groups: list[Group] | None = None) -> str:
-    groups = groups or groups_of(runs)
+                    groups: list[Group] | None = None, tuning: dict | None = None) -> str:
+    groups = groups or groups_of(runs, tuning)
     parts = ["# PEFT methods compared", "", f"Produced by `{command}`.", "", setup_line(runs), "",
              markdown_table(*group_rows(groups, base)), "", INTERVALS_NOTE]
     if len(groups) > 1:
         parts += ["", "## Verdict", ""] + [f"- {line}" for line in verdict(groups)]
         parts += ["", "## Ranks", "", markdown_table(*rank_rows(groups)), "", RANKS_NOTE]
+    if tuning:
+        parts += ["", "## Tuning", "", tuning_note(tuning), "", markdown_table(*tuning_rows(groups))]
     header, rows = significance_rows(groups)
     if rows:
         parts += ["", "## Differences to LoRA", "", markdown_table(header, rows)]
@@ -267,8 +269,8 @@ def _points(groups: list[Group], metric: str) -> list[plots.Point]:
 
 
 def render_html(runs: list[RunSummary], command: str, base: dict | None = None,
-                groups: list[Group] | None = None) -> str:
-    groups = groups or groups_of(runs)
+                groups: list[Group] | None = None, tuning: dict | None = None) -> str:
+    groups = groups or groups_of(runs, tuning)
     metrics = metric_names(runs)
     sections = [f"<h1>PEFT methods compared</h1><p>Produced by <code>{html.escape(command)}</code>.</p>",
                 f"<p>{html.escape(setup_line(runs))}</p>", html_table(*group_rows(groups, base)),
@@ -277,6 +279,8 @@ def render_html(runs: list[RunSummary], command: str, base: dict | None = None,
         items = "".join(f"<li>{html.escape(line)}</li>" for line in verdict(groups))
         sections += [f"<h2>Verdict</h2><ul>{items}</ul>", "<h2>Ranks</h2>", html_table(*rank_rows(groups)),
                      f"<p>{html.escape(RANKS_NOTE)}</p>"]
+    if tuning:
+        sections += ["<h2>Tuning</h2>", f"<p>{html.escape(tuning_note(tuning))}</p>", html_table(*tuning_rows(groups))]
     main = next((m for m in MAIN_METRICS if m in metrics), None)  # a score: the plot's front keeps the higher
     if main:
         costs = {"trainable parameters": [float(g.first.trainable or "nan") for g in groups],
@@ -310,15 +314,20 @@ def render_html(runs: list[RunSummary], command: str, base: dict | None = None,
 
 
 def compare(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool = False, command: str = "",
-            base_eval: str | Path | None = None) -> Path:
+            base_eval: str | Path | None = None, tuning: dict | None = None) -> Path:
     """Write report.md, report.html and report.json for the runs into `out`; returns `out`.
 
     `base_eval`: the base model's eval.json on the same tasks, for forgetting and sample outputs.
+    `tuning`: a study's tune/tuning.json (`peftkit.tune`); None: the one beside the runs, if any.
     """
     out = Path(out)
     if not run_dirs:
         raise ConfigError("compare needs at least one run directory")
     runs = [summarize(Path(r)) for r in run_dirs]
+    if tuning is None:
+        found = {Path(r).resolve().parent / "tune" / "tuning.json" for r in run_dirs}
+        beside = found.pop() if len(found) == 1 else None
+        tuning = json.loads(beside.read_text()) if beside is not None and beside.is_file() else None
     base = None
     if base_eval is not None:
         if not Path(base_eval).is_file():
@@ -331,10 +340,10 @@ def compare(run_dirs: list[str | Path], out: str | Path, *, overwrite: bool = Fa
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()
-    groups = groups_of(runs)  # once: every table, plot and report.json reads the same bootstrap results
-    (tmp / "report.md").write_text(render_markdown(runs, command, base, groups))
-    (tmp / "report.html").write_text(render_html(runs, command, base, groups))
-    (tmp / "report.json").write_text(json.dumps(report_json(groups, runs), indent=2, allow_nan=False) + "\n")
+    groups = groups_of(runs, tuning)  # once: every table, plot and report.json reads the same bootstrap results
+    (tmp / "report.md").write_text(render_markdown(runs, command, base, groups, tuning))
+    (tmp / "report.html").write_text(render_html(runs, command, base, groups, tuning))
+    (tmp / "report.json").write_text(json.dumps(report_json(groups, runs, tuning), indent=2, allow_nan=False) + "\n")
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -85,6 +85,9 @@ def check_distributed(recipe: Recipe, adapter_cfg: Any) -> None:
     if recipe.impl == "peft":
         raise ConfigError("train.distributed: fsdp shards peftkit's own adapters; impl: peft trains with "
                           "train.distributed: ddp")
+    if adapter_cfg.method == "full":
+        raise ConfigError("train.distributed: fsdp: adapter: full saves a whole transformers model, which peftkit "
+                          "does not gather from shards yet: train it with train.distributed: ddp")
     if hasattr(METHODS[adapter_cfg.method], "allocator"):
         raise ConfigError(f"train.distributed: fsdp: {adapter_cfg.method}'s rank allocator reads whole layers "
                           f"each step, which FSDP shards: use train.distributed: ddp")

@@ -24,6 +24,7 @@ class Group:
     runs: list[RunSummary]
     index: int  # colour
     cache: dict = field(default_factory=dict)  # bootstrap results: each table and plot reads them again
+    tuning: dict | None = None  # its entry in a study's tuning.json: grid, trials, chosen (peftkit.tune)
 
     def cached(self, key: tuple, compute: Callable[[], Any]) -> Any:
         if key not in self.cache:
@@ -51,12 +52,30 @@ class Group:
         return any(task.split("-")[0] in str(source) for source in sources)
 
 
-def groups_of(runs: list[RunSummary]) -> list[Group]:
-    """One group per method, in the runs' order; runs that differ only in their seed share one."""
+def groups_of(runs: list[RunSummary], tuning: dict | None = None) -> list[Group]:
+    """One group per method, in the runs' order; runs that differ only in their seed share one.
+    `tuning`: a study's tuning.json, whose entries join the groups of the same name."""
     found: dict[str, list[RunSummary]] = {}
     for run in runs:
         found.setdefault(run.group, []).append(run)
-    return [Group(name, members, i) for i, (name, members) in enumerate(found.items())]
+    tuned = (tuning or {}).get("methods") or {}
+    return [Group(name, members, i, tuning=tuned.get(name)) for i, (name, members) in enumerate(found.items())]
+
+
+def converged(group: Group) -> bool | None:
+    """False where the dev metric still rose over the last third of training (paired over the dev
+    examples and seeds: `peftkit.selection.still_rising`); None without a dev split in every run."""
+    from peftkit.selection import still_rising
+
+    records = [r.selection for r in group.runs]
+    if not all(records):
+        return None
+
+    def compute() -> bool | None:
+        rising = still_rising(records)
+        return None if rising is None else not rising
+
+    return group.cached(("converged",), compute)
 
 
 def reference_group(groups: list[Group]) -> Group | None:

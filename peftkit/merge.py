@@ -39,6 +39,9 @@ PPL_WARN = 0.01  # relative perplexity change
 def resolve_source(source: str | Path) -> tuple[Path, str]:
     """(adapter directory, base model name) for a run directory or an adapter directory."""
     source = Path(source)
+    if (source / "model" / "config.json").is_file() and not (source / "adapter").exists():
+        raise ConfigError(f"{source} is a full fine-tuning run: {source / 'model'} is already a plain transformers "
+                          f"model, with nothing to merge (export or load it directly)")
     if (source / "adapter" / "adapter_config.json").is_file():
         recipe = yaml.safe_load((source / "recipe.yaml").read_text()) if (source / "recipe.yaml").is_file() else {}
         adapter = source / "adapter"

@@ -93,6 +93,25 @@ class EvalConfig:
 
 
 @dataclass
+class SelectionConfig:
+    # <eval task>/<metric> scored on a dev split of the training data while training, e.g. sst2/accuracy
+    # (peftkit.selection); None: no dev split. Studies with `tune` set it for every run.
+    metric: str | None = None
+    dev_fraction: float = 0.1  # share of the training rows of the data the task scores, never trained on
+    seed: int = 0  # the dev split's seed
+    points: int = 3  # dev evaluations spread evenly over training, the last at its end
+
+    def check(self) -> None:
+        if self.metric is None:
+            return
+        from peftkit.selection import parse_metric
+
+        parse_metric(self.metric, "selection.metric")
+        _require(0 < self.dev_fraction <= 0.5, "selection.dev_fraction", "must be in (0, 0.5]", self.dev_fraction)
+        _require(self.points >= 2, "selection.points", "must be >= 2 (the end and a point before it)", self.points)
+
+
+@dataclass
 class Recipe:
     model: str = "smollm2-135m"  # registry name, local model directory or hub id
     task: str | None = None  # causal-lm | seq-cls | token-cls | seq2seq; None: the model's own (registry or saved)
@@ -103,6 +122,7 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    selection: SelectionConfig = field(default_factory=SelectionConfig)
     output: str = "runs/run"  # the run directory
     # A comparison: run name -> recipe overrides, e.g. {qlora: {adapter: qlora}, lora-peft: {impl: peft}}.
     # Each trains into output/<name> with everything else shared; a report on all lands in output/report.
@@ -117,15 +137,23 @@ class Recipe:
     # name -> {combination: linear|cat|svd|ties|dare_linear|dare_ties|magnitude_prune,
     #          sources: [run names] (default: every run), weights: [...] (default: equal), density: 0.5}
     combine: dict = field(default_factory=dict)
+    # Tuning before the final runs (peftkit.tune): {grid: {train.lr: [...]}, select: sst2/accuracy,
+    # dev_fraction: 0.1}. Each method (which may carry its own `tune: {grid}`) trains one trial per grid
+    # point, scored on a dev split of the training data; its best setting then trains once per seed.
+    tune: dict = field(default_factory=dict)
 
     @property
     def is_study(self) -> bool:
         """Several runs (methods, models or seeds) and a report, rather than one run."""
-        return bool(self.methods or self.models or self.seeds)
+        return bool(self.methods or self.models or self.seeds or self.tune)
 
     def check(self) -> None:
         """Every check that needs no model: values, the adapter preset, data file, eval tasks."""
         if self.is_study:
+            if self.tune:
+                from peftkit.tune import check_tune
+
+                check_tune(self)  # every trial's recipe, before the final runs'
             combinations(self, method_recipes(self))  # builds and checks every run's recipe and combination
             return
         _require(not self.combine, "combine", "combines the adapters of several runs: list them under methods",
@@ -143,22 +171,32 @@ class Recipe:
         _require(self.num_labels is None or self.num_labels >= 2, "num_labels", "must be >= 2", self.num_labels)
         _require(self.num_labels is None or self.task in ("seq-cls", "token-cls", None), "num_labels",
                  f"is for task seq-cls or token-cls, not {self.task} (drop num_labels or set task)", self.num_labels)
-        for section in (self.data, self.train, self.eval):
+        for section in (self.data, self.train, self.eval, self.selection):
             section.check()
         try:
             check_model_task(self.model, self.task, self.num_labels)
         except ModelError as exc:
             raise ConfigError(f"task: {exc}") from None
         try:
-            resolve_adapter(self.adapter, **self.adapter_overrides)
-        except ConfigError as exc:
-            raise ConfigError(f"adapter: {exc}") from None
+            cfg = resolve_adapter(self.adapter, **self.adapter_overrides)
+        except ConfigError as exc:  # a preset's own field errors already start with "adapter: "
+            raise ConfigError(str(exc) if str(exc).startswith("adapter: ") else f"adapter: {exc}") from None
+        _require(not (cfg.method == "full" and self.impl == "peft"), "impl", "adapter: full trains the model itself, "
+                 "with no adapter for peft to implement: use impl: peftkit", self.impl)
+        formats = []
         for source in self.data.sources:
             path, default_format = resolve_source(source)
             _require(path.is_file(), "data.train", "no such file (set PEFTKIT_DATA to the data folder, or give a path)",
                      str(path))
             fmt = self.data.format or default_format
             _require(fmt in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)} (for {source})", fmt)
+            formats.append(fmt)
+        if self.selection.metric:
+            from peftkit.selection import dev_format
+
+            wanted = dev_format(self.selection.metric)
+            _require(wanted in formats, "selection.metric", f"scores {wanted} rows, and no data.train source has "
+                     f"format {wanted}: the dev split is carved from the training data", self.selection.metric)
         if self.eval.tasks:
             from peftkit.evaluation import task_names
 
@@ -172,14 +210,25 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
-def method_recipes(recipe: Recipe) -> dict[str, Recipe]:
-    """The single-run recipe of each method on each model, validated; errors name the run.
+@dataclass
+class RunBase:
+    """One method on one model, before seeds and tuning: what every run of it shares."""
 
-    A method's mapping is merged into the shared recipe key by key (sections such as `train`
-    are merged, `adapter` is replaced whole), and its output is `<output>/<name>`. With `models`,
-    every method runs on every model: run names are `<model>` alone, or `<model>-<method>`.
-    """
-    shared = {k: v for k, v in recipe.to_dict().items() if k not in ("methods", "models", "seeds", "combine")}
+    name: str  # run name without a seed suffix: <method>, <model>, or <model>-<method>
+    where: str  # how errors name it: methods.<name>, models.<model>[, methods.<name>]
+    values: dict  # the merged recipe mapping (no output yet)
+    seeds: list[int]
+    tune: Any  # the method's own `tune: {grid}` (checked by peftkit.tune), None: the study's grid
+
+    @property
+    def grid(self) -> dict | None:
+        return self.tune.get("grid") if isinstance(self.tune, dict) else None
+
+
+def run_bases(recipe: Recipe) -> list[RunBase]:
+    """Each method on each model with its overrides merged into the shared recipe (sections such
+    as `train` are merged key by key, `adapter` is replaced whole); names and keys checked."""
+    shared = {k: v for k, v in recipe.to_dict().items() if k not in ("methods", "models", "seeds", "combine", "tune")}
     check_seeds(recipe.seeds, "seeds")
     methods = recipe.methods or {"": {}}
     for name, overrides in methods.items():
@@ -191,30 +240,53 @@ def method_recipes(recipe: Recipe) -> dict[str, Recipe]:
         _require(not (recipe.models and "model" in overrides), f"methods.{name}",
                  "cannot set model when the recipe lists models (every method runs on each)", sorted(overrides))
     _require(len(set(recipe.models)) == len(recipe.models), "models", "lists a model twice", recipe.models)
-    runs = {}
+    bases = []
     for model in recipe.models or [None]:
         label = Path(model).name if model else ""
         _require(model is None or bool(label), "models", "entries must be registry names or model directories", model)
         for method, overrides in methods.items():
             overrides = dict(overrides)
             seeds = overrides.pop("seeds", recipe.seeds)
+            tune = overrides.pop("tune", None)
             check_seeds(seeds, f"methods.{method}.seeds")
-            base_name = "-".join(part for part in (label, method) if part)
             where = f"models.{model}" + (f", methods.{method}" if method else "") if model else f"methods.{method}"
-            for seed in seeds or [None]:
-                name = "-".join(part for part in (base_name, f"seed{seed}" if seed is not None else "") if part)
-                values = _merge(shared, {**overrides, **({"model": model} if model else {})})
-                if seed is not None:
-                    values = _merge(values, {"train": {"seed": seed}})
-                values["output"] = str(Path(recipe.output) / name)
-                try:
-                    run = build(Recipe, values, "")
-                    run._check_run()
-                except ConfigError as exc:
-                    raise ConfigError(f"{where}: {exc}") from None
-                _require(name not in runs, "models", f"two runs would share the directory {name}", model)
-                runs[name] = run
+            values = _merge(shared, {**overrides, **({"model": model} if model else {})})
+            bases.append(RunBase("-".join(part for part in (label, method) if part), where, values, seeds, tune))
+    return bases
+
+
+def method_recipes(recipe: Recipe, chosen: dict[str, dict] | None = None) -> dict[str, Recipe]:
+    """The single-run recipe of each method on each model (and seed), validated; errors name the run.
+
+    A method's output is `<output>/<name>`; with `models`, every method runs on every model: run
+    names are `<model>` alone, or `<model>-<method>`; with seeds, `-seed<k>` follows. With `tune`,
+    each run takes its method's `chosen` grid values (before tuning: its first grid point, so
+    every key is checked) and the study's selection split.
+    """
+    runs = {}
+    for base in run_bases(recipe):
+        values = base.values
+        if recipe.tune:
+            from peftkit.tune import grid_points, tuned_values
+
+            point = (chosen or {}).get(base.name) or grid_points(base.grid or recipe.tune.get("grid"))[0]
+            values = tuned_values(recipe, values, point)
+        for seed in base.seeds or [None]:
+            name = "-".join(part for part in (base.name, f"seed{seed}" if seed is not None else "") if part)
+            run_values = values if seed is None else _merge(values, {"train": {"seed": seed}})
+            _require(name not in runs, "models", f"two runs would share the directory {name}", base.name)
+            runs[name] = build_run({**run_values, "output": str(Path(recipe.output) / name)}, base.where)
     return runs
+
+
+def build_run(values: dict, where: str) -> Recipe:
+    """A single run's recipe from its merged mapping, checked; errors start with `where`."""
+    try:
+        run = build(Recipe, values, "")
+        run._check_run()
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    return run
 
 
 def combinations(recipe: Recipe, runs: dict[str, Recipe]) -> dict[str, dict]:

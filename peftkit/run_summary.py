@@ -10,6 +10,7 @@ import yaml
 
 from peftkit.errors import ConfigError
 from peftkit.methods import method_label
+from peftkit.methods.full import saved_dir
 
 SEED_SUFFIX = re.compile(r"-seed\d+$")
 
@@ -32,6 +33,7 @@ class RunSummary:
     scores: dict[str, dict[str, list]] = field(default_factory=dict)  # eval task -> per-example statistics
     examples: dict[str, list[dict]] = field(default_factory=dict)  # eval task -> a few predictions
     train_time_s: float = float("nan")
+    selection: dict | None = None  # selection.json: the dev split's metric during training (peftkit.selection)
 
     @property
     def group(self) -> str:
@@ -69,8 +71,9 @@ def recipe_method(recipe: dict) -> str | None:
 
 def summarize(run: Path) -> RunSummary:
     """What one run directory says about itself."""
-    if not (run / "recipe.yaml").is_file() or not (run / "adapter").is_dir():
-        raise ConfigError(f"{run} is not a finished run directory (needs recipe.yaml and adapter/): "
+    saved = saved_dir(run)  # adapter/, or a full fine-tuning's model/
+    if not (run / "recipe.yaml").is_file() or not saved.is_dir():
+        raise ConfigError(f"{run} is not a finished run directory (needs recipe.yaml and adapter/ or model/): "
                           f"pass directories written by peftkit train")
     recipe = yaml.safe_load((run / "recipe.yaml").read_text())
     system = _json(run / "system.json")
@@ -102,6 +105,6 @@ def summarize(run: Path) -> RunSummary:
         trainable=system.get("trainable_parameters", 0), total=system.get("total_parameters", 0),
         peak_memory_mb=system.get("peak_memory_mb", float("nan")), tokens_per_s=system.get("tokens_per_s", float("nan")),
         wall_time_s=system.get("wall_time_s", float("nan")),
-        adapter_bytes=sum(p.stat().st_size for p in (run / "adapter").iterdir() if p.suffix == ".safetensors"),
+        adapter_bytes=sum(p.stat().st_size for p in saved.iterdir() if p.suffix == ".safetensors"),
         losses=losses, skipped=skipped, scores=scores, examples=examples,
-        train_time_s=system.get("train_time_s", float("nan")))
+        train_time_s=system.get("train_time_s", float("nan")), selection=_json(run / "selection.json") or None)

@@ -8,6 +8,8 @@ models, on the same data, seed and budget, then compare.
                        <model>/ or <model>-<method>/
       lora-peft/
       ...
+      tune/            with `tune`: each method's trials (tune/<method>/trial-<k>/) and tuning.json,
+                       the chosen setting of each (peftkit.tune); the runs above train that setting
       base/eval.json   the base model on the same eval tasks (forgetting, sample outputs)
       ties/            with `combine`: each combination of the runs' adapters (adapter/ with
                        merge.json, eval.json, the sources' recipe.yaml)
@@ -53,26 +55,52 @@ def _train_methods(recipe: Recipe, runs: dict[str, Recipe], *, source: str, resu
     claim_output(out, recipe, resume=resume, overwrite=overwrite, holds="comparison")
     save_resolved(recipe, out / "recipe.yaml", source)
     (out / "methods").mkdir(exist_ok=True)
+    tuning = None
+    if recipe.tune:
+        tuning = tune_methods(recipe, source=source, resume=resume)
+        runs = method_recipes(recipe, {name: found["chosen"] for name, found in tuning["methods"].items()})
+    train_runs({name: (run, out / "methods" / f"{name}.yaml") for name, run in runs.items()}, source=source,
+               resume=resume)
+    base_eval = evaluate_base(recipe, out / "base" / "eval.json", resume)
+    combined = combine_runs(recipe, runs, resume)
+    report = compare([Path(run.output) for run in runs.values()] + combined, out / "report", overwrite=True,
+                     command=command or f"peftkit train {source}", base_eval=base_eval, tuning=tuning)
+    return report
 
-    for index, (name, run) in enumerate(runs.items(), 1):
+
+def tune_methods(recipe: Recipe, *, source: str, resume: bool) -> dict:
+    """Every method's trials (peftkit.tune), then tune/tuning.json: the chosen setting of each."""
+    from peftkit.tune import check_tune, tuning_record
+
+    trials = check_tune(recipe)
+    where = Path(recipe.output) / "tune"
+    train_runs({f"{name} trial {k}": (run, where / name / f"trial-{k}.yaml")
+                for name, found in trials.items() for k, (_, run) in enumerate(found, 1)}, source=source, resume=resume)
+    record = tuning_record(recipe, trials)
+    (where / "tuning.json").write_text(json.dumps(record, indent=2) + "\n")
+    for name, found in record["methods"].items():
+        score = next(t["score"] for t in found["trials"] if t["values"] == found["chosen"])
+        logger.info("%s: chose %s (dev %s %.4g)", name, found["chosen"], record["metric"], score)
+    return record
+
+
+def train_runs(runs: dict[str, tuple[Recipe, Path]], *, source: str, resume: bool) -> None:
+    """Train each run in a process of its own (its resolved recipe saved at the path given);
+    resuming keeps the finished ones and continues an interrupted one from its checkpoint."""
+    for index, (name, (run, path)) in enumerate(runs.items(), 1):
         run_dir = Path(run.output)
         if resume and finished(run_dir):
             logger.info("[%d/%d] %s: finished earlier, kept", index, len(runs), name)
             continue
         can_resume = resume and any((run_dir / "checkpoints").glob("checkpoint-*"))
         logger.info("[%d/%d] %s: %s", index, len(runs), name, "resuming" if can_resume else "training")
-        path = out / "methods" / f"{name}.yaml"
-        save_resolved(run, path, f"{source} (methods.{name})")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_resolved(run, path, f"{source} ({name})")
         flags = ["--resume"] if can_resume else ["--overwrite"] if resume else []
         done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(path), *flags])
         if done.returncode != 0:
-            raise PeftkitError(f"method {name} failed (exit {done.returncode}, see above): fix it and rerun with "
-                               f"--resume to keep the methods that finished")
-    base_eval = evaluate_base(recipe, out / "base" / "eval.json", resume)
-    combined = combine_runs(recipe, runs, resume)
-    report = compare([Path(run.output) for run in runs.values()] + combined, out / "report", overwrite=True,
-                     command=command or f"peftkit train {source}", base_eval=base_eval)
-    return report
+            raise PeftkitError(f"{name} failed (exit {done.returncode}, see above): fix it and rerun with "
+                               f"--resume to keep the runs that finished")
 
 
 def combine_runs(recipe: Recipe, runs: dict[str, Recipe], resume: bool) -> list[Path]:
@@ -119,4 +147,5 @@ def evaluate_base(recipe: Recipe, path: Path, resume: bool) -> Path | None:
 
 def finished(run_dir: Path) -> bool:
     """A run directory that training completed (system.json is written last)."""
-    return (run_dir / "system.json").is_file() and (run_dir / "adapter" / "adapter_config.json").is_file()
+    return (run_dir / "system.json").is_file() and ((run_dir / "adapter" / "adapter_config.json").is_file()
+                                                    or (run_dir / "model" / "config.json").is_file())

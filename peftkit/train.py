@@ -37,8 +37,10 @@ from peftkit.errors import ConfigError
 from peftkit.models import load_model, task_of_model
 from peftkit.nf4 import Linear4bit
 from peftkit.methods import METHODS
+from peftkit.methods.full import save_model, saved_dir, unfreeze
 from peftkit.protocol import load_adapter_state_dict
 from peftkit.recipe import Recipe, save_resolved
+from peftkit.selection import dev_format, read_selection, selection_callback, split_dev
 from peftkit.runlock import locked
 from peftkit.distributed import (adopt_launcher, check_distributed, check_layout, per_process, train_dtype,
                                  without_layout)
@@ -73,6 +75,9 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
 def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any, *, source: str, resume: bool,
            overwrite: bool) -> Path:
     out = Path(recipe.output)
+    if recipe.selection.metric and state.num_processes > 1:
+        raise ConfigError(f"selection: the dev split is scored during training in one process, and this run has "
+                          f"{state.num_processes}: drop --nproc or the selection (tune) section")
     if state.is_main_process:
         last = prepare_output(out, recipe, resume=resume, overwrite=overwrite, processes=state.num_processes)
         save_resolved(recipe, out / "recipe.yaml", source)
@@ -88,8 +93,8 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
     model, tokenizer = load_model(recipe.model, dtype=train_dtype(recipe.train.precision), task=recipe.task,
                                   num_labels=recipe.num_labels, device=device)
     task = task_of_model(model)
-    train_set, stats = build_datasets(recipe, tokenizer, sources, task)
-    model, save_fn, load_fn, allocator, regularization = attach_adapter(model, recipe, adapter_cfg, task)
+    train_set, stats, dev_rows = build_datasets(recipe, tokenizer, sources, task)
+    model, save_fn, load_fn, allocator, regularization = attach_adapter(model, recipe, adapter_cfg, task, tokenizer)
     trainable = trainable_parameters(model)
     logger.info("trainable: %s / %s (%.2f%%)", f"{trainable[0]:,}", f"{trainable[1]:,}",
                 100 * trainable[0] / trainable[1])
@@ -105,7 +110,7 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
     padding_free = METHODS[adapter_cfg.method].padding_free
     run_dir = {"run_dir": out, "save_adapter": save_fn, "load_adapter_weights": load_fn,
                "optimizer_factory": _optimizer_factory(recipe, adapter_cfg), "regularization": regularization,
-               "allocator": allocator}
+               "allocator": allocator, "checkpoint_copy": adapter_cfg.method != "full"}
     if task == "causal-lm":
         trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free, sharded), train_dataset=train_set,
                                  processing_class=tokenizer, labels_only=recipe.impl == "peftkit", **run_dir)
@@ -114,6 +119,8 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
         args = TrainingArguments(**training_arguments(recipe, out, sharded), remove_unused_columns=False)
         trainer = TaskTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
                               processing_class=tokenizer, **run_dir)
+    if state.is_main_process and (selector := selection_callback(recipe, dev_rows, tokenizer, out)) is not None:
+        trainer.add_callback(selector)
     reset_peak_memory()  # system.json's peak is training's, not loading's
     result = trainer.train(resume_from_checkpoint=str(last) if last else None)
     if trainer.stopper.received is not None:
@@ -124,9 +131,12 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
     return finish_run(recipe, state, trainer, model, tokenizer, adapter_cfg, save_fn, result.training_loss, run)
 
 
-def attach_adapter(model: torch.nn.Module, recipe: Recipe, adapter_cfg: Any, task: str) -> tuple:
+def attach_adapter(model: torch.nn.Module, recipe: Recipe, adapter_cfg: Any, task: str, tokenizer) -> tuple:
     """The adapter on the model, ours or peft's (`impl`), with how to save and reload it, and the
-    method's allocator and loss term (or None): (model, save_fn, load_fn, allocator, regularization)."""
+    method's allocator and loss term (or None): (model, save_fn, load_fn, allocator, regularization).
+    Full fine-tuning attaches nothing: every parameter trains, and a plain model is saved."""
+    if adapter_cfg.method == "full":
+        return unfreeze(model), lambda m, d: save_model(m, tokenizer, d), None, None, None
     if recipe.impl == "peft":
         from peftkit.peft_backend import (apply_peft, load_peft_weights, peft_allocator, peft_regularization,
                                            save_peft)
@@ -165,7 +175,7 @@ def finish_run(recipe: Recipe, state: PartialState, trainer: Trainer, model: tor
         memory["quantized_base_bytes_per_process"] = per_process(state, resident_bytes(quantized))
     with gathered(model):  # the adapter whole for saving: the last collective of a sharded run
         if trainer.args.should_save:
-            save_final(save_fn, model, out)
+            save_final(save_fn, model, out, saved_dir(out, adapter_cfg.method).name)
             tensors = trainable_state(model) if run.sharded and recipe.eval.tasks else None  # whole here already
     if not trainer.args.should_save:
         return out  # other data-parallel ranks: the main process writes the run directory
@@ -174,22 +184,23 @@ def finish_run(recipe: Recipe, state: PartialState, trainer: Trainer, model: tor
         if run.sharded:
             model = unsharded(recipe, adapter_cfg, trainer, tensors)
         metrics.update(run_eval(recipe, model, tokenizer, out))
-    write_card(out / "adapter", recipe, adapter_cfg, run.trainable, metrics)
+    write_card(saved_dir(out, adapter_cfg.method), recipe, adapter_cfg, run.trainable, metrics)
     write_system(out, trainer, run, memory)
     return out
 
 
-def save_final(save_fn: Callable, model: torch.nn.Module, out: Path) -> None:
-    """The trained adapter into `out/adapter` (written aside, then renamed into place).
+def save_final(save_fn: Callable, model: torch.nn.Module, out: Path, saved: str = "adapter") -> None:
+    """The trained adapter into `out/adapter` (full fine-tuning: the model into `out/model`), written
+    aside, then renamed into place.
 
     Raises:
         CheckpointFailed: it could not be written (disk full, a file-size limit): one line naming
             the checkpoint that `--resume` continues from (the last step's, which holds the adapter).
     """
     try:
-        save_fn(model, out / "adapter")
+        save_fn(model, out / saved)
     except WRITE_ERRORS as exc:
-        raise write_failed(f"the adapter to {out / 'adapter'}", out / "checkpoints", out, exc) from None
+        raise write_failed(f"the {saved} to {out / saved}", out / "checkpoints", out, exc) from None
 
 
 def unsharded(recipe: Recipe, adapter_cfg: Any, trainer: Trainer, tensors: dict[str, torch.Tensor]) -> torch.nn.Module:
@@ -258,11 +269,12 @@ def data_sources(recipe: Recipe) -> list[tuple[str, Path, str]]:
 
 
 def build_datasets(recipe: Recipe, tokenizer, sources: list[tuple[str, Path, str]],
-                   task: str = "causal-lm") -> tuple[Dataset, DataStats]:
+                   task: str = "causal-lm") -> tuple[Dataset, DataStats, list]:
     """Read, split (deterministically), limit and tokenise each source's training part for the
     model's task; mixed sources are concatenated (the trainer's seeded sampler shuffles them
     together). The held-out parts are left out here and scored by the eval tasks
-    (`alpaca-heldout`, `e2e`), which split the same way.
+    (`alpaca-heldout`, `e2e`), which split the same way. With a `selection` metric, its dev split
+    is carved from the (limited) training rows of the sources its task scores, and returned.
 
     Raises:
         ConfigError: a format the task cannot read, labels the head cannot hold, or no usable example.
@@ -273,11 +285,15 @@ def build_datasets(recipe: Recipe, tokenizer, sources: list[tuple[str, Path, str
     if task != "causal-lm" and recipe.data.packing:
         raise ConfigError(f"data.packing: task {task} trains one example per row: set data.packing: false")
     columns: dict[str, list] = {"input_ids": [], "labels": []}
-    stats = DataStats()
+    stats, dev_rows, select = DataStats(), [], recipe.selection
     for name, path, fmt in sources:
         train_rows, held_rows = split_rows(read_rows(path), fmt, recipe.data.eval_fraction)
         if recipe.data.limit:
             train_rows = train_rows[: recipe.data.limit]
+        if select.metric and fmt == dev_format(select.metric):
+            train_rows, dev = split_dev(train_rows, fmt, select.dev_fraction, select.seed)
+            dev_rows += dev
+            logger.info("data %s: %d rows held out as the dev split for %s", name, len(dev), select.metric)
         max_length = recipe.data.max_length
         if task == "seq-cls":
             part, part_stats = tokenize_classes(tokenizer, train_rows, fmt, max_length, recipe.num_labels, name)
@@ -294,7 +310,10 @@ def build_datasets(recipe: Recipe, tokenizer, sources: list[tuple[str, Path, str
             setattr(stats, key, getattr(stats, key) + value)
         logger.info("data %s: %d training examples (%d truncated, %d dropped), %d held out", name,
                     part_stats.examples, part_stats.truncated, part_stats.dropped, len(held_rows))
-    return Dataset.from_dict(columns), stats
+    if select.metric and not dev_rows:
+        raise ConfigError(f"selection.dev_fraction: {select.dev_fraction} of the training rows is no row at all: "
+                          f"raise it or data.limit")
+    return Dataset.from_dict(columns), stats, dev_rows
 
 
 def split_rows(rows: list, fmt: str, fraction: float | None) -> tuple[list, list]:
@@ -386,6 +405,9 @@ def write_system(out: Path, trainer: Trainer, run: RunInfo, memory: dict[str, li
     wall = time.perf_counter() - run.started
     tokens = trainer.state.num_input_tokens_seen
     train_seconds = next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), wall)
+    selection = read_selection(out)
+    if selection:  # scoring the dev split is not training: its time is left out of the speed
+        train_seconds -= selection.get("seconds", 0.0)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     trainable, total = run.trainable
     record = {
@@ -393,6 +415,7 @@ def write_system(out: Path, trainer: Trainer, run: RunInfo, memory: dict[str, li
                      "transformers": transformers.__version__, "trl": trl.__version__, "peftkit": peftkit.__version__},
         "device": device, "platform": platform.platform(), "world_size": trainer.args.world_size,
         "wall_time_s": round(wall, 2), "train_time_s": round(train_seconds, 2),
+        "selection_time_s": round(selection["seconds"], 2) if selection else None,
         "distributed": ("fsdp" if run.sharded else "ddp") if trainer.args.world_size > 1 else None,
         "peak_memory_mb": memory["peak_memory_mb_per_process"][0], **memory,
         "process_peak_memory_mb": round(process_peak_memory_mb(), 1),

@@ -252,8 +252,9 @@ class RunDirectory:
     """
 
     def __init__(self, *args, run_dir: Path, save_adapter, load_adapter_weights, optimizer_factory=None,
-                 regularization=None, allocator=None, **kwargs) -> None:
+                 regularization=None, allocator=None, checkpoint_copy: bool = True, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.checkpoint_copy = checkpoint_copy  # a saved copy (adapter/) in each checkpoint; full fine-tuning: none
         self.optimizer_factory = optimizer_factory  # (model, args) -> optimizer, e.g. LoRA+'s groups
         self.regularization = regularization  # model -> a loss term or None
         self.allocator = allocator
@@ -355,7 +356,7 @@ class RunDirectory:
         trainable = trainable_state(model)  # whole tensors: every process takes part when they are sharded
         optimizer_tensors, optimizer_meta = self._optimizer_state()
         with gathered(model):
-            if self.args.should_save:
+            if self.args.should_save and self.checkpoint_copy:
                 self.save_adapter_fn(model, tmp / "adapter")
         if self.args.should_save:
             save_file(optimizer_tensors, tmp / "optimizer.safetensors")

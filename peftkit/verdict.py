@@ -11,8 +11,8 @@ methods no other beats on both.
 import math
 
 from peftkit import plots
-from peftkit.groups import (Group, interval, lower_is_better, main_metric, metric_names, probabilities_better,
-                            rank_intervals, references)
+from peftkit.groups import (Group, converged, interval, lower_is_better, main_metric, metric_names,
+                            probabilities_better, rank_intervals, references)
 from peftkit.run_summary import RunSummary
 
 COSTS = {"trainable parameters": "trainable", "peak memory": "peak_memory_mb", "training time": "train_time_s"}
@@ -31,7 +31,50 @@ def verdict(groups: list[Group]) -> list[str]:
     main = main_metric(metrics)
     if main is None:
         return ["No metric to judge: the runs were not evaluated."]
-    return [best_line(groups, main)] + pareto_lines(groups, main) + [CONVERGENCE]
+    return [best_line(groups, main)] + pareto_lines(groups, main) + [convergence_line(groups)]
+
+
+def convergence_line(groups: list[Group]) -> str:
+    """The methods whose dev metric still rose over the last third of training."""
+    found = {g.name: converged(g) for g in groups}
+    judged = {name: ok for name, ok in found.items() if ok is not None}
+    if not judged:
+        return CONVERGENCE
+    rising = [name for name, ok in judged.items() if not ok]
+    line = (f"Did not converge (the dev metric still rose over the last third of training, P >= 0.95 paired over "
+            f"dev examples and seeds): {', '.join(rising)}." if rising else
+            "Every method converged: none has a dev metric still rising over the last third of training.")
+    unjudged = [name for name, ok in found.items() if ok is None]
+    return line + (f" Not judged (no dev split): {', '.join(unjudged)}." if unjudged else "")
+
+
+def tuning_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
+    """Per tuned method: its grid, each trial's dev score, the chosen setting, and convergence."""
+    rows = []
+    for g in groups:
+        if g.tuning is None:
+            continue
+        grid = "; ".join(f"{key}: {', '.join(map(str, values))}" for key, values in g.tuning["grid"].items())
+        trials = ", ".join(f"{_fmt_score(t['score'])}" for t in g.tuning["trials"])
+        chosen = ", ".join(f"{key}={value}" for key, value in g.tuning["chosen"].items())
+        ok = converged(g)
+        rows.append([g.name, grid, trials, chosen, "-" if ok is None else "yes" if ok else "no (still rising)"])
+    return ["method", "grid", "dev score per trial", "chosen", "converged"], rows
+
+
+def tuning_note(tuning: dict) -> str:
+    """How the settings were chosen: the dev split, the search and its budget."""
+    split = tuning.get("split") or {}
+    return (f"Each method's setting was chosen by {tuning['metric']} on a dev split of the training data: "
+            f"{split.get('size')} {split.get('source_format')} rows ({split.get('fraction')} of them, seed "
+            f"{split.get('seed')}), never trained on; the eval tasks' own data is read only by the final runs. "
+            f"Search: {tuning.get('search')}, {tuning.get('trials_per_method')} trials per method. The chosen "
+            f"setting then trained once per seed (the trials are not among the seeds). Converged: the dev metric "
+            f"did not still rise over the last third of training.")
+
+
+def _fmt_score(value: float) -> str:
+    return f"{value:.4g}"
 
 
 def best_line(groups: list[Group], main: str) -> str:
@@ -86,7 +129,7 @@ def _rank(found: tuple[int, int] | None) -> str:
     return "-" if found is None else f"[{found[0]}, {found[1]}]"
 
 
-def report_json(groups: list[Group], runs: list[RunSummary]) -> dict:
+def report_json(groups: list[Group], runs: list[RunSummary], tuning: dict | None = None) -> dict:
     """The report for other tools: model, selection, and per method its seeds, metrics (mean, sd,
     95 % interval), rank intervals, probabilities of beating the references, and costs."""
     metrics = metric_names(runs)
@@ -98,7 +141,8 @@ def report_json(groups: list[Group], runs: list[RunSummary]) -> dict:
     for g in groups:
         found = {m: interval(g, m) for m in metrics}
         methods.append({
-            "name": g.name, "method": g.first.method, "impl": g.first.impl, "tuning": None,
+            "name": g.name, "method": g.first.method, "impl": g.first.impl,
+            "tuning": {k: g.tuning[k] for k in ("grid", "trials", "chosen")} if g.tuning else None,
             "seeds": [(r.recipe.get("train") or {}).get("seed") for r in g.runs],
             "metrics": {m: {"mean": _number(i.value), "sd": _number(i.spread),
                             "ci": [_number(i.low), _number(i.high)]} for m, i in found.items() if i is not None},
@@ -106,9 +150,15 @@ def report_json(groups: list[Group], runs: list[RunSummary]) -> dict:
             "p_beats": {name: {m: p[g.name] for m, p in per_metric.items() if g.name in p}
                         for name, per_metric in chances.items() if name != g.name},
             "trainable": g.first.trainable or None, "peak_memory_mb": _number(g.mean("peak_memory_mb")),
-            "train_seconds": _number(g.mean("train_time_s")), "converged": None,
+            "train_seconds": _number(g.mean("train_time_s")), "converged": converged(g),
         })
-    return {"model": models[0] if len(models) == 1 else models, "selection": None, "main_metric": main,
+    selection = None
+    if tuning:
+        split = tuning.get("split") or {}
+        selection = {"split": {k: split.get(k) for k in ("source_format", "fraction", "seed")},
+                     "size": split.get("size"), "metric": tuning["metric"], "search": tuning.get("search"),
+                     "trials_per_method": tuning.get("trials_per_method")}
+    return {"model": models[0] if len(models) == 1 else models, "selection": selection, "main_metric": main,
             "verdict": verdict(groups), "methods": methods}
 
 

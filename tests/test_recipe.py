@@ -30,6 +30,10 @@ def test_new_family_recipes_name_their_model_and_task():
 def test_shipped_recipes_validate_both_impls(name):
     recipe = load_recipe(name)
     assert recipe.model in REGISTRY and recipe.output == f"runs/{name}"
+    if any(method.get("adapter") == "full" for method in recipe.methods.values()):  # no adapter for peft to run
+        with pytest.raises(ConfigError, match=r"^methods\.full.*: impl: adapter: full trains the model itself"):
+            load_recipe(name, ["impl=peft"])
+        return
     assert load_recipe(name, ["impl=peft"]).impl == "peft"
 
 

@@ -26,11 +26,13 @@ def _run_parts(run: Path) -> tuple[str, Path, dict, dict]:
     if not isinstance(model, str) or not model:
         raise ConfigError(f"{run / 'recipe.yaml'} has no model key: it must name the base model the adapter was "
                           f"trained on")
+    head = {key: recipe.get(key) for key in ("task", "num_labels")}
+    if (run / "model" / "config.json").is_file():  # full fine-tuning: the run saved a plain model
+        return str(run / "model"), None, recipe.get("eval") if isinstance(recipe.get("eval"), dict) else {}, head
     adapter = run / "adapter"
     if not (adapter / "adapter_config.json").is_file():
         raise ConfigError(f"run {run} has no adapter/adapter_config.json: finish training first, or pass the base "
                           f"model and --adapter DIR")
-    head = {key: recipe.get(key) for key in ("task", "num_labels")}
     return model, adapter, recipe.get("eval") if isinstance(recipe.get("eval"), dict) else {}, head
 
 

@@ -13,6 +13,7 @@ trainable counts, 20 AdamW steps, merge and unmerge), and `impl: peft` in
 """
 
 from peftkit.methods.adalora import AdaLoRAMethod
+from peftkit.methods.full import FullMethod
 from peftkit.methods.hira import HiRAMethod
 from peftkit.methods.ia3 import IA3Method
 from peftkit.methods.loha import LoHaMethod
@@ -32,6 +33,7 @@ METHODS = {method.name: method for method in (
     LoHaMethod(),
     LoKrMethod(),
     AdaLoRAMethod(),
+    FullMethod(),  # not an adapter: every parameter trains (peftkit.methods.full)
 )}
 
 

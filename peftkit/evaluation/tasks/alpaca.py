@@ -36,6 +36,7 @@ class AlpacaSpec(TaskSpec):
     max_length: int = 1024  # longer examples are cut to this many tokens
     samples: int = 3  # held-out instructions answered for a look (0: none)
     sample_tokens: int = 64  # their answers' length at most
+    score_all: bool = False  # score every record of data (a study's dev split), not the held-out part
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -48,13 +49,21 @@ class AlpacaSpec(TaskSpec):
 
 MODEL_TASKS = ("causal-lm",)  # the model tasks (peftkit.models.TASKS) this eval task can score
 SPEC = AlpacaSpec
+METRICS = ("loss", "perplexity")  # what `run` reports
+TRAIN_FORMAT = "alpaca"  # the training data format whose rows this task scores (a study's dev split)
+
+
+def whole_file(rows: int) -> dict:
+    """Spec overrides that score every record of `data` (a dev split), not its held-out part."""
+    return {"score_all": True, "samples": 0}
 
 
 def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: AlpacaSpec, limit: int | None = None,
         progress: bool = True) -> TaskResult:
     """Mean completion-only loss (nats per token) and its perplexity on the held-out slice."""
     records = read_alpaca(Path(spec.data))
-    _, heldout = split_heldout(len(records), spec.heldout_fraction, spec.split_seed)
+    heldout = (list(range(len(records))) if spec.score_all
+               else split_heldout(len(records), spec.heldout_fraction, spec.split_seed)[1])
     scored = heldout[:limit]
     examples = [chat_example(tokenizer, alpaca_chat(records[i]), spec.max_length) for i in scored]
     rows: list = []
@@ -62,7 +71,7 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: AlpacaSpec, 
                                     per_example=rows)
     loss = total / tokens if tokens else float("nan")
     details = {
-        "split": (f"split_heldout({len(records)}, fraction={spec.heldout_fraction}, seed={spec.split_seed}): "
+        "split": f"every record of {spec.data} ({len(scored)})" if spec.score_all else (f"split_heldout({len(records)}, fraction={spec.heldout_fraction}, seed={spec.split_seed}): "
                   f"{len(heldout)} held out; scored the first {len(scored)}"),
         "labels": "completion-only: the answer and its end-of-turn token; the prompt is masked",
         "tokens": tokens,

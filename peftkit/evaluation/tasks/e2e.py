@@ -32,6 +32,7 @@ class E2ESpec(PromptedSpec):
     split_seed: int = 0  # the mr split's seed; training must use the same one
     bleu_tokenize: str = "13a"  # sacrebleu tokenizer for BLEU
     generation: GenerationSettings = field(default_factory=GenerationSettings)
+    score_all: bool = False  # score every mr of data (a study's dev split), not the held-out part
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -41,12 +42,20 @@ class E2ESpec(PromptedSpec):
 
 MODEL_TASKS = ("causal-lm", "seq2seq")  # the model tasks (peftkit.models.TASKS) this eval task can score
 SPEC = E2ESpec
+METRICS = ("bleu", "rougeL", "chrf")  # what `run` reports
+TRAIN_FORMAT = "e2e"  # the training data format whose rows this task scores (a study's dev split)
+
+
+def whole_file(rows: int) -> dict:
+    """Spec overrides that score every mr of `data` (a dev split), not its held-out part."""
+    return {"score_all": True}
 
 
 def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: E2ESpec, limit: int | None = None,
         progress: bool = True) -> TaskResult:
     """BLEU, ROUGE-L and chrF (percent) of generations for the held-out mrs (the first `limit`)."""
-    train, heldout = split_e2e(read_e2e(Path(spec.data)), spec.heldout_fraction, spec.split_seed)
+    rows = read_e2e(Path(spec.data))
+    train, heldout = ([], rows) if spec.score_all else split_e2e(rows, spec.heldout_fraction, spec.split_seed)
     all_groups = group_references(heldout)
     groups = all_groups[:limit]
     turns = [(spec.fill(mr=mr), refs[0]) for mr, refs in draw(group_references(train), spec.shots, spec.seed)]
@@ -58,9 +67,10 @@ def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: E2ESpec, lim
     metrics = {"bleu": bleu["score"], "rougeL": 100 * compute("rouge", predictions, references)["rougeL"],
                "chrf": chrf["score"]}
     details = {
-        "split": (f"split_e2e by mr hash (fraction {spec.heldout_fraction}, seed {spec.split_seed}): "
-                  f"{len(all_groups)} of {len(all_groups) + len(group_references(train))} mrs held out; "
-                  f"scored the first {len(groups)}"),
+        "split": f"every mr of {spec.data} ({len(groups)})" if spec.score_all else (
+            f"split_e2e by mr hash (fraction {spec.heldout_fraction}, seed {spec.split_seed}): "
+            f"{len(all_groups)} of {len(all_groups) + len(group_references(train))} mrs held out; "
+            f"scored the first {len(groups)}"),
         "references": sum(len(refs) for refs in references),
         "bleu": {"tokenize": spec.bleu_tokenize, "signature": bleu["signature"],
                  "note": "corpus BLEU, all references of an mr at once"},

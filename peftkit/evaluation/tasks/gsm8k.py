@@ -68,6 +68,13 @@ class Gsm8kSpec(PromptedSpec):
 
 MODEL_TASKS = ("causal-lm", "seq2seq")  # the model tasks (peftkit.models.TASKS) this eval task can score
 SPEC = Gsm8kSpec
+METRICS = ("exact_match", "answer_found")  # what `run` reports
+TRAIN_FORMAT = "gsm8k"  # the training data format whose rows this task scores (a study's dev split)
+
+
+def whole_file(rows: int) -> dict:
+    """Spec overrides that score every row of `data` (a dev split), not a slice of it."""
+    return {"eval_size": rows}
 
 
 def eval_slice(n: int, size: int, seed: int) -> tuple[list[int], list[int]]:

@@ -51,6 +51,13 @@ class Sst2Spec(PromptedSpec):
 
 MODEL_TASKS = ("causal-lm", "seq-cls")  # the model tasks (peftkit.models.TASKS) this eval task can score
 SPEC = Sst2Spec
+METRICS = ("accuracy", "f1_macro")  # what `run` reports
+TRAIN_FORMAT = "sst2"  # the training data format whose rows this task scores (a study's dev split)
+
+
+def whole_file(rows: int) -> dict:
+    """Spec overrides that score every row of `data` (a dev split), not a part of it."""
+    return {}
 
 
 def run(model: nn.Module, tokenizer: PreTrainedTokenizerBase, spec: Sst2Spec, limit: int | None = None,
