@@ -130,6 +130,7 @@ class SelectionCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.steps = steps_at(state.max_steps, self.points)
+        self.record["process_seconds"] = 0.0  # this process's share, which its speed leaves out
         if self.path.is_file():  # resumed: the points scored before the checkpoint stay
             earlier = json.loads(self.path.read_text())
             self.record["points"] = [p for p in earlier["points"] if p["step"] <= state.global_step]
@@ -145,7 +146,9 @@ class SelectionCallback(TrainerCallback):
         metric = self.record["metric"].partition("/")[2]
         value = float(result.metrics[metric])
         self.record["points"].append({"step": state.global_step, "value": value, "scores": result.scores})
-        self.record["seconds"] = self.record.get("seconds", 0.0) + time.perf_counter() - started
+        spent = time.perf_counter() - started
+        self.record["seconds"] = self.record.get("seconds", 0.0) + spent
+        self.record["process_seconds"] += spent
         logger.info("selection %s at step %d: %.4g", self.record["metric"], state.global_step, value)
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.record) + "\n")

@@ -98,7 +98,7 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
     trainable = trainable_parameters(model)
     logger.info("trainable: %s / %s (%.2f%%)", f"{trainable[0]:,}", f"{trainable[1]:,}",
                 100 * trainable[0] / trainable[1])
-    run = RunInfo(started, stats, trainable, quantized_base_bytes(model), sharded)
+    run = RunInfo(started, stats, trainable, quantized_base_bytes(model), sharded, tokens_before(last))
     if sharded:
         shard_model(model)
     elif recipe.train.distributed == "fsdp":
@@ -161,6 +161,15 @@ class RunInfo:
     trainable: tuple[int, int]  # (trainable, total) parameters
     quantized_base_bytes: int | None  # the 4-bit base, whole (measured before any sharding)
     sharded: bool
+    resumed_tokens: int = 0  # tokens trained before the checkpoint this process resumed from
+
+
+def tokens_before(checkpoint: Path | None) -> int:
+    """Training tokens a checkpoint had seen (0 for a fresh run): a resumed run's speed counts its own."""
+    if checkpoint is None:
+        return 0
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    return int(state.get("num_input_tokens_seen") or 0)
 
 
 def finish_run(recipe: Recipe, state: PartialState, trainer: Trainer, model: torch.nn.Module, tokenizer,
@@ -406,8 +415,8 @@ def write_system(out: Path, trainer: Trainer, run: RunInfo, memory: dict[str, li
     tokens = trainer.state.num_input_tokens_seen
     train_seconds = next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h), wall)
     selection = read_selection(out)
-    if selection:  # scoring the dev split is not training: its time is left out of the speed
-        train_seconds -= selection.get("seconds", 0.0)
+    if selection:  # scoring the dev split is not training: its time (in this process) is left out of the speed
+        train_seconds -= selection.get("process_seconds", 0.0)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({torch.get_num_threads()} threads)"
     trainable, total = run.trainable
     record = {
@@ -420,7 +429,8 @@ def write_system(out: Path, trainer: Trainer, run: RunInfo, memory: dict[str, li
         "peak_memory_mb": memory["peak_memory_mb_per_process"][0], **memory,
         "process_peak_memory_mb": round(process_peak_memory_mb(), 1),
         "quantized_base_bytes": run.quantized_base_bytes, "train_tokens": tokens,
-        "tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1), "steps": trainer.state.global_step,
+        "tokens_per_s": round((tokens - run.resumed_tokens) / max(train_seconds, 1e-9), 1),
+        "steps": trainer.state.global_step,
         "trainable_parameters": trainable, "total_parameters": total, "data": dataclasses.asdict(run.stats),
     }
     (out / "system.json").write_text(json.dumps(record, indent=2) + "\n")
