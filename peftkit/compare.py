@@ -101,7 +101,7 @@ def _forgetting_cell(value) -> str:
 
 
 GROUP_COLUMNS = ["method", "impl", "seeds", "trainable", "% of base", "peak MiB", "train tok/s", "train s",
-                 "adapter MiB"]
+                 "saved MiB"]
 
 
 def group_rows(groups: list[Group], base: dict | None) -> tuple[list[str], list[list[str]]]:
@@ -142,7 +142,7 @@ def significance_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
 
 # --- per run --------------------------------------------------------------------------------------
 COLUMNS = ["run", "model", "method", "impl", "lr", "trainable", "% of base", "peak MiB", "train tok/s", "wall s",
-           "adapter MiB"]
+           "saved MiB"]
 
 
 def table_rows(runs: list[RunSummary]) -> tuple[list[str], list[list[str]]]:
@@ -217,7 +217,8 @@ RANKS_NOTE = ("Rank intervals: in each of 1,000 bootstrap draws (the examples re
 INTERVALS_NOTE = ("Metrics are percentages (losses in nats per token): the mean over seeds, ± the standard "
                   "deviation over seeds where there are several, and [a 95 % bootstrap interval] over the "
                   "evaluated examples (and seeds). `*`: the difference to LoRA has a 95 % interval that "
-                  "excludes 0 (paired over the same examples).")
+                  "excludes 0 (paired over the same examples). saved MiB: the adapter's tensors as saved (full "
+                  "fine-tuning: the whole model's).")
 
 
 def render_markdown(runs: list[RunSummary], command: str, base: dict | None = None,

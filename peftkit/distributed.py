@@ -76,6 +76,10 @@ def check_distributed(recipe: Recipe, adapter_cfg: Any) -> None:
         ConfigError: a DeepSpeed launch; FSDP with impl: peft, or with a method whose allocator reads
             whole layers (AdaLoRA).
     """
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    if recipe.selection.metric and processes > 1:
+        raise ConfigError(f"selection: the dev split is scored during training in one process, and this run has "
+                          f"{processes}: drop --nproc or the selection (tune) section")
     if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
         raise ConfigError("DeepSpeed: peftkit's checkpoints (safetensors + JSON, exact resume) cannot hold the "
                           "DeepSpeed engine's own pickled optimizer state: shard with train.distributed: fsdp "

@@ -34,12 +34,12 @@ class DataConfig:
         return [self.train] if isinstance(self.train, str) else list(self.train)
 
     def check(self) -> None:
-        _require(bool(self.sources), "data.train", "needs at least one data source", self.train)
-        _require(16 <= self.max_length <= 1_000_000, "data.max_length", "must be between 16 and 1000000",
-                 self.max_length)
-        _require(self.eval_fraction is None or 0 < self.eval_fraction < 1, "data.eval_fraction",
-                 "must be in (0, 1)", self.eval_fraction)
-        _require(self.limit is None or self.limit > 0, "data.limit", "must be > 0", self.limit)
+        require(bool(self.sources), "data.train", "needs at least one data source", self.train)
+        require(16 <= self.max_length <= 1_000_000, "data.max_length", "must be between 16 and 1000000",
+                self.max_length)
+        require(self.eval_fraction is None or 0 < self.eval_fraction < 1, "data.eval_fraction",
+                "must be in (0, 1)", self.eval_fraction)
+        require(self.limit is None or self.limit > 0, "data.limit", "must be > 0", self.limit)
 
 
 @dataclass
@@ -63,22 +63,22 @@ class TrainConfig:
     distributed: str = "ddp"  # with --nproc N: ddp (each process holds the whole model) | fsdp (FSDP2, sharded)
 
     def check(self) -> None:
-        _require(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
-        _require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 or > 0", self.max_steps)
+        require(self.epochs > 0, "train.epochs", "must be > 0", self.epochs)
+        require(self.max_steps == -1 or self.max_steps > 0, "train.max_steps", "must be -1 or > 0", self.max_steps)
         for key in ("batch_size", "grad_accum", "logging_steps", "save_steps", "save_total_limit"):
-            _require(getattr(self, key) > 0, f"train.{key}", "must be > 0", getattr(self, key))
-        _require(0 < self.lr < 1, "train.lr", "must be in (0, 1)", self.lr)
-        _require(self.scheduler in ("cosine", "linear", "constant"), "train.scheduler",
-                 "must be cosine, linear or constant", self.scheduler)
-        _require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
-        _require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
-        _require(self.loraplus_lr_ratio is None or (not isinstance(self.loraplus_lr_ratio, bool) and isinstance(
+            require(getattr(self, key) > 0, f"train.{key}", "must be > 0", getattr(self, key))
+        require(0 < self.lr < 1, "train.lr", "must be in (0, 1)", self.lr)
+        require(self.scheduler in ("cosine", "linear", "constant"), "train.scheduler",
+                "must be cosine, linear or constant", self.scheduler)
+        require(0 <= self.warmup_ratio < 1, "train.warmup_ratio", "must be in [0, 1)", self.warmup_ratio)
+        require(self.weight_decay >= 0, "train.weight_decay", "must be >= 0", self.weight_decay)
+        require(self.loraplus_lr_ratio is None or (not isinstance(self.loraplus_lr_ratio, bool) and isinstance(
             self.loraplus_lr_ratio, (int, float)) and self.loraplus_lr_ratio > 0), "train.loraplus_lr_ratio",
             "must be empty or a number > 0 (LoRA+ uses 16)", self.loraplus_lr_ratio)
-        _require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
-        _require(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
-                 "must be auto, fp32, bf16 or fp16", self.precision)
-        _require(self.distributed in ("ddp", "fsdp"), "train.distributed", "must be ddp or fsdp", self.distributed)
+        require(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0", self.max_grad_norm)
+        require(self.precision in ("auto", "fp32", "bf16", "fp16"), "train.precision",
+                "must be auto, fp32, bf16 or fp16", self.precision)
+        require(self.distributed in ("ddp", "fsdp"), "train.distributed", "must be ddp or fsdp", self.distributed)
 
 
 @dataclass
@@ -88,8 +88,8 @@ class EvalConfig:
     shots: int = 0  # in-context examples per prompt
 
     def check(self) -> None:
-        _require(self.limit is None or self.limit > 0, "eval.limit", "must be > 0", self.limit)
-        _require(self.shots >= 0, "eval.shots", "must be >= 0", self.shots)
+        require(self.limit is None or self.limit > 0, "eval.limit", "must be > 0", self.limit)
+        require(self.shots >= 0, "eval.shots", "must be >= 0", self.shots)
 
 
 @dataclass
@@ -107,8 +107,8 @@ class SelectionConfig:
         from peftkit.selection import parse_metric
 
         parse_metric(self.metric, "selection.metric")
-        _require(0 < self.dev_fraction <= 0.5, "selection.dev_fraction", "must be in (0, 0.5]", self.dev_fraction)
-        _require(self.points >= 2, "selection.points", "must be >= 2 (the end and a point before it)", self.points)
+        require(0 < self.dev_fraction <= 0.5, "selection.dev_fraction", "must be in (0, 0.5]", self.dev_fraction)
+        require(self.points >= 2, "selection.points", "must be >= 2 (the end and a point before it)", self.points)
 
 
 @dataclass
@@ -156,8 +156,8 @@ class Recipe:
                 check_tune(self)  # every trial's recipe, before the final runs'
             combinations(self, method_recipes(self))  # builds and checks every run's recipe and combination
             return
-        _require(not self.combine, "combine", "combines the adapters of several runs: list them under methods",
-                 self.combine)
+        require(not self.combine, "combine", "combines the adapters of several runs: list them under methods",
+                self.combine)
         self._check_run()
 
     def _check_run(self) -> None:
@@ -166,11 +166,11 @@ class Recipe:
         from peftkit.models.loader import check_model_task
         from peftkit.models.tasks import TASKS
 
-        _require(self.impl in ("peftkit", "peft"), "impl", "must be peftkit or peft", self.impl)
-        _require(self.task is None or self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", self.task)
-        _require(self.num_labels is None or self.num_labels >= 2, "num_labels", "must be >= 2", self.num_labels)
-        _require(self.num_labels is None or self.task in ("seq-cls", "token-cls", None), "num_labels",
-                 f"is for task seq-cls or token-cls, not {self.task} (drop num_labels or set task)", self.num_labels)
+        require(self.impl in ("peftkit", "peft"), "impl", "must be peftkit or peft", self.impl)
+        require(self.task is None or self.task in TASKS, "task", f"must be one of {', '.join(TASKS)}", self.task)
+        require(self.num_labels is None or self.num_labels >= 2, "num_labels", "must be >= 2", self.num_labels)
+        require(self.num_labels is None or self.task in ("seq-cls", "token-cls", None), "num_labels",
+                f"is for task seq-cls or token-cls, not {self.task} (drop num_labels or set task)", self.num_labels)
         for section in (self.data, self.train, self.eval, self.selection):
             section.check()
         try:
@@ -181,21 +181,21 @@ class Recipe:
             cfg = resolve_adapter(self.adapter, **self.adapter_overrides)
         except ConfigError as exc:  # a preset's own field errors already start with "adapter: "
             raise ConfigError(str(exc) if str(exc).startswith("adapter: ") else f"adapter: {exc}") from None
-        _require(not (cfg.method == "full" and self.impl == "peft"), "impl", "adapter: full trains the model itself, "
-                 "with no adapter for peft to implement: use impl: peftkit", self.impl)
+        require(not (cfg.method == "full" and self.impl == "peft"), "impl", "adapter: full trains the model itself, "
+                "with no adapter for peft to implement: use impl: peftkit", self.impl)
         formats = []
         for source in self.data.sources:
             path, default_format = resolve_source(source)
-            _require(path.is_file(), "data.train", "no such file (set PEFTKIT_DATA to the data folder, or give a path)",
+            require(path.is_file(), "data.train", "no such file (set PEFTKIT_DATA to the data folder, or give a path)",
                      str(path))
             fmt = self.data.format or default_format
-            _require(fmt in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)} (for {source})", fmt)
+            require(fmt in FORMATS, "data.format", f"must be one of {', '.join(FORMATS)} (for {source})", fmt)
             formats.append(fmt)
         if self.selection.metric:
             from peftkit.selection import dev_format
 
             wanted = dev_format(self.selection.metric)
-            _require(wanted in formats, "selection.metric", f"scores {wanted} rows, and no data.train source has "
+            require(wanted in formats, "selection.metric", f"scores {wanted} rows, and no data.train source has "
                      f"format {wanted}: the dev split is carved from the training data", self.selection.metric)
         if self.eval.tasks:
             from peftkit.evaluation import task_names
@@ -204,7 +204,7 @@ class Recipe:
             for task in self.eval.tasks:
                 close = difflib.get_close_matches(task, known, n=1)
                 hint = f" (did you mean {close[0]}?)" if close else ""
-                _require(task in known, "eval.tasks", f"unknown task{hint}; known: {', '.join(known)}", task)
+                require(task in known, "eval.tasks", f"unknown task{hint}; known: {', '.join(known)}", task)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -232,25 +232,27 @@ def run_bases(recipe: Recipe) -> list[RunBase]:
     check_seeds(recipe.seeds, "seeds")
     methods = recipe.methods or {"": {}}
     for name, overrides in methods.items():
-        _require(isinstance(name, str) and (name == "" and not recipe.methods or _run_name_ok(name)), "methods",
-                 "run names must be letters, digits, - and _", name)
-        _require(isinstance(overrides, dict), f"methods.{name}", "expected a mapping of recipe overrides", overrides)
-        _require(not {"output", "methods", "models"} & set(overrides), f"methods.{name}",
-                 "cannot set output, methods or models (each run trains into <output>/<name>)", sorted(overrides))
-        _require(not (recipe.models and "model" in overrides), f"methods.{name}",
-                 "cannot set model when the recipe lists models (every method runs on each)", sorted(overrides))
-    _require(len(set(recipe.models)) == len(recipe.models), "models", "lists a model twice", recipe.models)
+        require(isinstance(name, str) and (name == "" and not recipe.methods or _run_name_ok(name)), "methods",
+                "run names must be letters, digits, - and _", name)
+        require(isinstance(overrides, dict), f"methods.{name}", "expected a mapping of recipe overrides", overrides)
+        require(not {"output", "methods", "models"} & set(overrides), f"methods.{name}",
+                "cannot set output, methods or models (each run trains into <output>/<name>)", sorted(overrides))
+        require(not (recipe.models and "model" in overrides), f"methods.{name}",
+                "cannot set model when the recipe lists models (every method runs on each)", sorted(overrides))
+    require(len(set(recipe.models)) == len(recipe.models), "models", "lists a model twice", recipe.models)
     bases = []
     for model in recipe.models or [None]:
         label = Path(model).name if model else ""
-        _require(model is None or bool(label), "models", "entries must be registry names or model directories", model)
+        require(model is None or bool(label), "models", "entries must be registry names or model directories", model)
         for method, overrides in methods.items():
             overrides = dict(overrides)
             seeds = overrides.pop("seeds", recipe.seeds)
             tune = overrides.pop("tune", None)
+            require(tune is None or bool(recipe.tune), f"methods.{method}.tune", "needs the study's tune: {grid, "
+                    "select} (a method's own tune only replaces the grid)", tune)
             check_seeds(seeds, f"methods.{method}.seeds")
             where = f"models.{model}" + (f", methods.{method}" if method else "") if model else f"methods.{method}"
-            values = _merge(shared, {**overrides, **({"model": model} if model else {})})
+            values = merge_values(shared, {**overrides, **({"model": model} if model else {})})
             bases.append(RunBase("-".join(part for part in (label, method) if part), where, values, seeds, tune))
     return bases
 
@@ -273,8 +275,8 @@ def method_recipes(recipe: Recipe, chosen: dict[str, dict] | None = None) -> dic
             values = tuned_values(recipe, values, point)
         for seed in base.seeds or [None]:
             name = "-".join(part for part in (base.name, f"seed{seed}" if seed is not None else "") if part)
-            run_values = values if seed is None else _merge(values, {"train": {"seed": seed}})
-            _require(name not in runs, "models", f"two runs would share the directory {name}", base.name)
+            run_values = values if seed is None else merge_values(values, {"train": {"seed": seed}})
+            require(name not in runs, "models", f"two runs would share the directory {name}", base.name)
             runs[name] = build_run({**run_values, "output": str(Path(recipe.output) / name)}, base.where)
     return runs
 
@@ -296,49 +298,49 @@ def combinations(recipe: Recipe, runs: dict[str, Recipe]) -> dict[str, dict]:
     specs = {}
     for name, spec in recipe.combine.items():
         key = f"combine.{name}"
-        _require(isinstance(name, str) and _run_name_ok(name), "combine", "names must be letters, digits, - and _", name)
-        _require(name not in runs, "combine", "names a trained run: give the combination a name of its own", name)
-        _require(isinstance(spec, dict), key, "expected a mapping with combination, sources, weights, density", spec)
+        require(isinstance(name, str) and _run_name_ok(name), "combine", "names must be letters, digits, - and _", name)
+        require(name not in runs, "combine", "names a trained run: give the combination a name of its own", name)
+        require(isinstance(spec, dict), key, "expected a mapping with combination, sources, weights, density", spec)
         unknown = sorted(set(spec) - {"combination", "sources", "weights", "density"})
-        _require(not unknown, key, "unknown keys (known: combination, sources, weights, density)", unknown)
+        require(not unknown, key, "unknown keys (known: combination, sources, weights, density)", unknown)
         combination = spec.get("combination", "linear")
-        _require(combination in COMBINATIONS, f"{key}.combination", f"use one of {', '.join(COMBINATIONS)}", combination)
+        require(combination in COMBINATIONS, f"{key}.combination", f"use one of {', '.join(COMBINATIONS)}", combination)
         sources = spec.get("sources", list(runs))
-        _require(isinstance(sources, list) and bool(sources) and all(s in runs for s in sources), f"{key}.sources",
-                 f"expected a list of trained runs ({', '.join(runs)})", sources)
+        require(isinstance(sources, list) and bool(sources) and all(s in runs for s in sources), f"{key}.sources",
+                f"expected a list of trained runs ({', '.join(runs)})", sources)
         weights = spec.get("weights", [1.0 / len(sources)] * len(sources))
-        _require(isinstance(weights, list) and len(weights) == len(sources) and all(
+        require(isinstance(weights, list) and len(weights) == len(sources) and all(
             isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights), f"{key}.weights",
             f"expected one number per source ({len(sources)})", weights)
         density = spec.get("density")
-        _require(density is None or (isinstance(density, (int, float)) and 0 < density <= 1), f"{key}.density",
-                 "expected a number in (0, 1]", density)
+        require(density is None or (isinstance(density, (int, float)) and 0 < density <= 1), f"{key}.density",
+                "expected a number in (0, 1]", density)
         specs[name] = {"combination": combination, "sources": sources, "weights": [float(w) for w in weights],
                        "density": density}
     return specs
 
 
 def check_seeds(seeds: Any, key: str) -> None:
-    _require(isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
+    require(isinstance(seeds, list) and all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds),
              key, "expected a list of seeds (whole numbers >= 0), e.g. [1, 2, 3]", seeds)
-    _require(len(set(seeds)) == len(seeds), key, "lists a seed twice", seeds)
+    require(len(set(seeds)) == len(seeds), key, "lists a seed twice", seeds)
 
 
 def _run_name_ok(name: str) -> bool:
     return bool(name) and name.replace("-", "").replace("_", "").replace(".", "").isalnum()
 
 
-def _merge(base: dict, overrides: dict) -> dict:
+def merge_values(base: dict, overrides: dict) -> dict:
     merged = dict(base)
     for key, value in overrides.items():
         if key != "adapter" and isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
+            merged[key] = merge_values(merged[key], value)
         else:
             merged[key] = value
     return merged
 
 
-def _require(ok: bool, key: str, rule: str, value: Any) -> None:
+def require(ok: bool, key: str, rule: str, value: Any) -> None:
     if not ok:
         raise ConfigError(f"{key}: {rule}, got {value!r}")
 

@@ -19,11 +19,14 @@ import json
 import logging
 import time
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-from transformers import TrainerCallback
+import numpy as np
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from peftkit.errors import ConfigError
+from peftkit.evaluation.spec import TaskSpec
 from peftkit.evaluation.splits import split_heldout
 
 logger = logging.getLogger(__name__)
@@ -50,7 +53,8 @@ def parse_metric(metric: Any, key: str) -> tuple[str, str]:
     return task, name
 
 
-def task_module(task: str):
+def task_module(task: str) -> ModuleType:
+    """The implementation module of a shipped eval task (`peftkit.evaluation.tasks`)."""
     from peftkit.evaluation.spec import load_spec
     from peftkit.evaluation.tasks import TASKS
 
@@ -108,7 +112,7 @@ def write_dev(rows: list, fmt: str, directory: Path) -> Path:
     return path
 
 
-def dev_spec(metric: str, path: Path, rows: int):
+def dev_spec(metric: str, path: Path, rows: int) -> TaskSpec:
     """The metric's task spec, scoring every row of the dev file (none of the task's own data)."""
     from peftkit.evaluation.spec import load_spec
 
@@ -122,34 +126,40 @@ def steps_at(total: int, points: int) -> list[int]:
 
 
 class SelectionCallback(TrainerCallback):
-    """Scores the dev split at its steps and writes selection.json after each point."""
+    """Scores the dev split at its steps (on the main process) and rewrites selection.json after
+    each point. `seconds`: the time all kept points took; `process_seconds`: this process's share,
+    which `peftkit.train.write_system` leaves out of the run's speed."""
 
-    def __init__(self, record: dict, spec, tokenizer, path: Path, points: int) -> None:
+    def __init__(self, record: dict, spec: TaskSpec, tokenizer: PreTrainedTokenizerBase, path: Path,
+                 points: int) -> None:
         self.record, self.spec, self.tokenizer, self.path, self.points = record, spec, tokenizer, path, points
         self.steps: list[int] = []
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
         self.steps = steps_at(state.max_steps, self.points)
-        self.record["process_seconds"] = 0.0  # this process's share, which its speed leaves out
         if self.path.is_file():  # resumed: the points scored before the checkpoint stay
             earlier = json.loads(self.path.read_text())
             self.record["points"] = [p for p in earlier["points"] if p["step"] <= state.global_step]
-            self.record["seconds"] = earlier.get("seconds", 0.0)
+        self.record["process_seconds"] = 0.0
+        self._write()
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
-        if state.global_step not in self.steps or not state.is_world_process_zero:
+    def on_step_end(self, args, state, control, model=None, **kwargs) -> None:
+        if state.global_step not in self.steps:
             return
         from peftkit.evaluation.runner import run_task
 
         started = time.perf_counter()
         result = run_task(model, self.tokenizer, self.spec, None, progress=False)
-        metric = self.record["metric"].partition("/")[2]
-        value = float(result.metrics[metric])
-        self.record["points"].append({"step": state.global_step, "value": value, "scores": result.scores})
+        value = float(result.metrics[self.record["metric"].partition("/")[2]])
         spent = time.perf_counter() - started
-        self.record["seconds"] = self.record.get("seconds", 0.0) + spent
+        self.record["points"].append({"step": state.global_step, "value": value, "seconds": spent,
+                                      "scores": result.scores})
         self.record["process_seconds"] += spent
         logger.info("selection %s at step %d: %.4g", self.record["metric"], state.global_step, value)
+        self._write()
+
+    def _write(self) -> None:
+        self.record["seconds"] = sum(p.get("seconds", 0.0) for p in self.record["points"])
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self.record) + "\n")
         tmp.replace(self.path)
@@ -170,6 +180,7 @@ def selection_callback(recipe, dev_rows: list, tokenizer, out: Path) -> Selectio
 
 
 def read_selection(run_dir: Path) -> dict | None:
+    """A run's selection.json (None when it scored no dev split)."""
     path = Path(run_dir) / "selection.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -180,10 +191,11 @@ def final_score(run_dir: Path) -> float | None:
     return record["points"][-1]["value"] if record and record["points"] else None
 
 
-def still_rising(records: list[dict]) -> bool | None:
+def still_rising(records: list[dict], resamples: int = 1000, seed: int = 0) -> bool | None:
     """Whether the dev metric still rose over the last third of training: the last point beats the
-    point nearest two thirds of the way, in at least 95 % of paired bootstrap draws over the dev
-    examples and the seeds (`records`: each seed's selection.json). None if it cannot be told."""
+    point nearest two thirds of the way, in at least 95 % of bootstrap draws paired over the dev
+    examples and the seeds (each draw resamples both once, for both points). `records`: each
+    seed's selection.json. None if it cannot be told (fewer than two points, no statistics)."""
     from peftkit import stats
 
     metric = records[0]["metric"].partition("/")[2] if records else ""
@@ -196,7 +208,14 @@ def still_rising(records: list[dict]) -> bool | None:
         before = min(points[:-1], key=lambda p: abs(p["step"] - 2 * last / 3))
         ends.append(points[-1]["scores"])
         earlier.append(before["scores"])
-    if not ends:
+    if not ends or len({len(s[stats.METRICS[metric][0][0]]) for s in ends + earlier}) != 1:
         return None
-    matrix = stats.bootstrap_matrix(metric, [ends, earlier])
-    return stats.probability_better(matrix, metric, 0, 1) >= RISING
+    n, rng = len(ends[0][stats.METRICS[metric][0][0]]), np.random.default_rng(seed)
+    sign = -1.0 if metric in stats.LOWER_IS_BETTER else 1.0
+    wins = 0.0
+    for _ in range(resamples):
+        index, picked = rng.integers(0, n, size=n), rng.integers(0, len(ends), size=len(ends))
+        gain = sign * (np.mean([stats.metric_value(metric, ends[i], index) for i in picked])
+                       - np.mean([stats.metric_value(metric, earlier[i], index) for i in picked]))
+        wins += 1.0 if gain > 0 else 0.5 if gain == 0 else 0.0
+    return wins / resamples >= RISING

@@ -75,22 +75,31 @@ def tune_methods(recipe: Recipe, *, source: str, resume: bool) -> dict:
     trials = check_tune(recipe)
     where = Path(recipe.output) / "tune"
     train_runs({f"{name} trial {k}": (run, where / name / f"trial-{k}.yaml")
-                for name, found in trials.items() for k, (_, run) in enumerate(found, 1)}, source=source, resume=resume)
+                for name, found in trials.items() for k, (_, run) in enumerate(found, 1)}, source=source, resume=resume,
+               divergence_loses=True)
     record = tuning_record(recipe, trials)
-    (where / "tuning.json").write_text(json.dumps(record, indent=2) + "\n")
+    tmp = where / "tuning.json.tmp"
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(where / "tuning.json")
     for name, found in record["methods"].items():
         score = next(t["score"] for t in found["trials"] if t["values"] == found["chosen"])
         logger.info("%s: chose %s (dev %s %.4g)", name, found["chosen"], record["metric"], score)
     return record
 
 
-def train_runs(runs: dict[str, tuple[Recipe, Path]], *, source: str, resume: bool) -> None:
+def train_runs(runs: dict[str, tuple[Recipe, Path]], *, source: str, resume: bool,
+               divergence_loses: bool = False) -> None:
     """Train each run in a process of its own (its resolved recipe saved at the path given);
-    resuming keeps the finished ones and continues an interrupted one from its checkpoint."""
+    resuming keeps the finished ones and continues an interrupted one from its checkpoint.
+    `divergence_loses` (tuning trials): a run whose loss became NaN or infinite is kept as lost
+    (its diverged.json says so) instead of stopping the study."""
+    from peftkit.tune import DIVERGED
+
     for index, (name, (run, path)) in enumerate(runs.items(), 1):
         run_dir = Path(run.output)
-        if resume and finished(run_dir):
-            logger.info("[%d/%d] %s: finished earlier, kept", index, len(runs), name)
+        lost = divergence_loses and (run_dir / DIVERGED).is_file()
+        if resume and (finished(run_dir) or lost):
+            logger.info("[%d/%d] %s: %s earlier, kept", index, len(runs), name, "diverged" if lost else "finished")
             continue
         can_resume = resume and any((run_dir / "checkpoints").glob("checkpoint-*"))
         logger.info("[%d/%d] %s: %s", index, len(runs), name, "resuming" if can_resume else "training")
@@ -98,6 +107,9 @@ def train_runs(runs: dict[str, tuple[Recipe, Path]], *, source: str, resume: boo
         save_resolved(run, path, f"{source} ({name})")
         flags = ["--resume"] if can_resume else ["--overwrite"] if resume else []
         done = subprocess.run([sys.executable, "-m", "peftkit", "train", str(path), *flags])
+        if done.returncode != 0 and divergence_loses and (run_dir / DIVERGED).is_file():
+            logger.warning("%s diverged: it counts as the worst trial", name)
+            continue
         if done.returncode != 0:
             raise PeftkitError(f"{name} failed (exit {done.returncode}, see above): fix it and rerun with "
                                f"--resume to keep the runs that finished")

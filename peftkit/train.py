@@ -26,7 +26,8 @@ import torch
 import yaml
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
+from transformers import (DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase, Trainer,
+                          TrainingArguments, set_seed)
 
 from peftkit.api import apply_adapter, resolve_adapter, trainable_parameters
 from peftkit.checkpoint import WEIGHTS_NAME, read_adapter_weights, save_adapter
@@ -41,17 +42,20 @@ from peftkit.methods.full import save_model, saved_dir, unfreeze
 from peftkit.protocol import load_adapter_state_dict
 from peftkit.recipe import Recipe, save_resolved
 from peftkit.selection import dev_format, read_selection, selection_callback, split_dev
+from peftkit.tune import DIVERGED
 from peftkit.runlock import locked
 from peftkit.distributed import (adopt_launcher, check_distributed, check_layout, per_process, train_dtype,
                                  without_layout)
 from peftkit.sharding import gathered, resident_bytes, shard_model, trainable_state
-from peftkit.trainer import (WRITE_ERRORS, PeftkitTrainer, TaskTrainer, TrainingInterrupted, checkpoints,
+from peftkit.trainer import (WRITE_ERRORS, PeftkitTrainer, TaskTrainer, TrainingDiverged, TrainingInterrupted,
+                             checkpoints,
                              latest_resumable, load_trainable, peak_memory_mb, process_peak_memory_mb,
                              reset_peak_memory, write_failed)
 
 logger = logging.getLogger(__name__)
 
 HELDOUT, E2E_HELDOUT, SPLIT_SEED = 0.05, 0.2, 42  # as eval/alpaca-heldout.yaml and eval/e2e.yaml
+GSM8K_EVAL_SIZE = 500  # eval/gsm8k.yaml's eval_size: its slice of the training file (split_seed 42)
 
 
 def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overwrite: bool = False) -> Path:
@@ -69,22 +73,18 @@ def train(recipe: Recipe, *, source: str = "recipe", resume: bool = False, overw
     check_distributed(recipe, adapter_cfg)
     state = PartialState(cpu=not torch.cuda.is_available())  # one process, or each of N data-parallel ones (joins their group)
     with locked(out, state.is_main_process):  # a second `peftkit train` on this output refuses at once
-        return _train(recipe, state, sources, adapter_cfg, source=source, resume=resume, overwrite=overwrite)
+        try:
+            return _train(recipe, state, sources, adapter_cfg, source=source, resume=resume, overwrite=overwrite)
+        except TrainingDiverged as exc:  # a study's tuning reads this: the trial lost, it did not fail
+            if state.is_main_process:
+                (out / DIVERGED).write_text(json.dumps({"error": str(exc)}) + "\n")
+            raise
 
 
 def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any, *, source: str, resume: bool,
            overwrite: bool) -> Path:
     out = Path(recipe.output)
-    if recipe.selection.metric and state.num_processes > 1:
-        raise ConfigError(f"selection: the dev split is scored during training in one process, and this run has "
-                          f"{state.num_processes}: drop --nproc or the selection (tune) section")
-    if state.is_main_process:
-        last = prepare_output(out, recipe, resume=resume, overwrite=overwrite, processes=state.num_processes)
-        save_resolved(recipe, out / "recipe.yaml", source)
-    state.wait_for_everyone()
-    if not state.is_main_process:
-        last = latest_resumable(out / "checkpoints") if resume else None
-
+    last = claim_run(recipe, state, source=source, resume=resume, overwrite=overwrite)
     started = time.perf_counter()
     set_seed(recipe.train.seed)  # the adapter's random init too: same seed, same run
     sharded = recipe.train.distributed == "fsdp" and state.num_processes > 1
@@ -104,21 +104,10 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
     elif recipe.train.distributed == "fsdp":
         logger.info("train.distributed: fsdp in one process: nothing to shard, training the whole model")
 
-    # Note: LoRA-family runs train padding-free (a batch is one row, position ids restart per
-    # example, so examples never attend to each other): no compute is spent on pad tokens.
-    # Virtual-token methods need the padded layout: their cache would bridge packed examples.
-    padding_free = METHODS[adapter_cfg.method].padding_free
     run_dir = {"run_dir": out, "save_adapter": save_fn, "load_adapter_weights": load_fn,
                "optimizer_factory": _optimizer_factory(recipe, adapter_cfg), "regularization": regularization,
                "allocator": allocator, "checkpoint_copy": adapter_cfg.method != "full"}
-    if task == "causal-lm":
-        trainer = PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free, sharded), train_dataset=train_set,
-                                 processing_class=tokenizer, labels_only=recipe.impl == "peftkit", **run_dir)
-    else:  # the model computes its own loss from the labels: a class id, or the target's tokens
-        collator = DataCollatorWithPadding(tokenizer) if task == "seq-cls" else DataCollatorForSeq2Seq(tokenizer)
-        args = TrainingArguments(**training_arguments(recipe, out, sharded), remove_unused_columns=False)
-        trainer = TaskTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
-                              processing_class=tokenizer, **run_dir)
+    trainer = make_trainer(recipe, task, model, tokenizer, train_set, adapter_cfg, run_dir, sharded)
     if state.is_main_process and (selector := selection_callback(recipe, dev_rows, tokenizer, out)) is not None:
         trainer.add_callback(selector)
     reset_peak_memory()  # system.json's peak is training's, not loading's
@@ -131,7 +120,41 @@ def _train(recipe: Recipe, state: PartialState, sources: list, adapter_cfg: Any,
     return finish_run(recipe, state, trainer, model, tokenizer, adapter_cfg, save_fn, result.training_loss, run)
 
 
-def attach_adapter(model: torch.nn.Module, recipe: Recipe, adapter_cfg: Any, task: str, tokenizer) -> tuple:
+def claim_run(recipe: Recipe, state: PartialState, *, source: str, resume: bool, overwrite: bool) -> Path | None:
+    """The run directory claimed and its recipe saved (by the main process); on every process, the
+    checkpoint to resume from (None for a fresh run)."""
+    out = Path(recipe.output)
+    last = None
+    if state.is_main_process:
+        last = prepare_output(out, recipe, resume=resume, overwrite=overwrite, processes=state.num_processes)
+        save_resolved(recipe, out / "recipe.yaml", source)
+        (out / DIVERGED).unlink(missing_ok=True)  # an earlier attempt's
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        last = latest_resumable(out / "checkpoints") if resume else None
+    return last
+
+
+def make_trainer(recipe: Recipe, task: str, model: torch.nn.Module, tokenizer, train_set: Dataset, adapter_cfg: Any,
+                 run_dir: dict, sharded: bool) -> Trainer:
+    """trl's SFT trainer for a causal LM; transformers' Trainer for a head or an encoder-decoder."""
+    out = Path(recipe.output)
+    # Note: LoRA-family runs train padding-free (a batch is one row, position ids restart per
+    # example, so examples never attend to each other): no compute is spent on pad tokens.
+    # Virtual-token methods need the padded layout: their cache would bridge packed examples.
+    padding_free = METHODS[adapter_cfg.method].padding_free
+    if task == "causal-lm":
+        return PeftkitTrainer(model=model, args=sft_config(recipe, out, padding_free, sharded), train_dataset=train_set,
+                              processing_class=tokenizer, labels_only=recipe.impl == "peftkit", **run_dir)
+    # the model computes its own loss from the labels: a class id, or the target's tokens
+    collator = DataCollatorWithPadding(tokenizer) if task == "seq-cls" else DataCollatorForSeq2Seq(tokenizer)
+    args = TrainingArguments(**training_arguments(recipe, out, sharded), remove_unused_columns=False)
+    return TaskTrainer(model=model, args=args, train_dataset=train_set, data_collator=collator,
+                       processing_class=tokenizer, **run_dir)
+
+
+def attach_adapter(model: torch.nn.Module, recipe: Recipe, adapter_cfg: Any, task: str,
+                   tokenizer: PreTrainedTokenizerBase) -> tuple:
     """The adapter on the model, ours or peft's (`impl`), with how to save and reload it, and the
     method's allocator and loss term (or None): (model, save_fn, load_fn, allocator, regularization).
     Full fine-tuning attaches nothing: every parameter trains, and a plain model is saved."""
@@ -331,6 +354,11 @@ def split_rows(rows: list, fmt: str, fraction: float | None) -> tuple[list, list
     independent of train.seed."""
     if fmt == "e2e":
         return e2e_split(rows, fraction or E2E_HELDOUT, seed=0)
+    if fmt == "gsm8k" and fraction is None:  # the gsm8k task scores a fixed-size slice of the same file
+        from peftkit.evaluation.tasks.gsm8k import eval_slice
+
+        held_idx, train_idx = eval_slice(len(rows), min(GSM8K_EVAL_SIZE, len(rows) - 1), SPLIT_SEED)
+        return [rows[i] for i in train_idx], [rows[i] for i in sorted(held_idx)]
     train_idx, held_idx = split_heldout(len(rows), fraction or HELDOUT, seed=SPLIT_SEED)
     return [rows[i] for i in train_idx], [rows[i] for i in held_idx]
 

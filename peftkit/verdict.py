@@ -55,7 +55,8 @@ def tuning_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
         if g.tuning is None:
             continue
         grid = "; ".join(f"{key}: {', '.join(map(str, values))}" for key, values in g.tuning["grid"].items())
-        trials = ", ".join(f"{_fmt_score(t['score'])}" for t in g.tuning["trials"])
+        trials = ", ".join("diverged" if t.get("diverged") else "-" if t["score"] is None else f"{t['score']:.4g}"
+                           for t in g.tuning["trials"])
         chosen = ", ".join(f"{key}={value}" for key, value in g.tuning["chosen"].items())
         ok = converged(g)
         rows.append([g.name, grid, trials, chosen, "-" if ok is None else "yes" if ok else "no (still rising)"])
@@ -72,9 +73,6 @@ def tuning_note(tuning: dict) -> str:
             f"setting then trained once per seed (the trials are not among the seeds). Converged: the dev metric "
             f"did not still rise over the last third of training.")
 
-
-def _fmt_score(value: float) -> str:
-    return f"{value:.4g}"
 
 
 def best_line(groups: list[Group], main: str) -> str:
@@ -142,7 +140,7 @@ def report_json(groups: list[Group], runs: list[RunSummary], tuning: dict | None
         found = {m: interval(g, m) for m in metrics}
         methods.append({
             "name": g.name, "method": g.first.method, "impl": g.first.impl,
-            "tuning": {k: g.tuning[k] for k in ("grid", "trials", "chosen")} if g.tuning else None,
+            "tuning": {k: g.tuning[k] for k in ("grid", "trials", "chosen") if k in g.tuning} if g.tuning else None,
             "seeds": [(r.recipe.get("train") or {}).get("seed") for r in g.runs],
             "metrics": {m: {"mean": _number(i.value), "sd": _number(i.spread),
                             "ci": [_number(i.low), _number(i.high)]} for m, i in found.items() if i is not None},

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from peftkit.data import Row, read_rows, resolve_source
+import peftkit
+from peftkit.data import Row, resolve_source
 from peftkit.errors import ConfigError
-from peftkit.evaluation.splits import mr_is_heldout
 from peftkit.recipe import load_recipe, method_recipes
 from peftkit.selection import split_dev, steps_at, still_rising
 from peftkit.study import train_methods, tune_methods
-from peftkit.tune import check_tune, choose, grid_points
+from peftkit.tune import DIVERGED, check_tune, choose, grid_points, tuning_record
 
 
 def write_study(tmp_path: Path, **extra) -> Path:
@@ -54,6 +54,10 @@ def test_trials_take_their_grid_point_and_finals_take_the_chosen_one(tmp_path):
     assert [r.train.seed for r in finals.values()] == [1, 2, 1, 2]
     assert {r.selection.metric for r in finals.values()} == {"sst2/accuracy"}  # convergence is read from it
     assert finals["lora-seed1"].eval.tasks == ["sst2"]
+    both = check_tune(load_recipe(str(write_study(tmp_path, models=["tiny-qwen2", "tiny-gpt2"], methods={
+        "lora": {}, "vera": {"adapter": "vera", "tune": {"grid": {"train.lr": [1e-3, 1e-2, 1e-1]}}}}))))
+    assert list(both) == ["tiny-qwen2-lora", "tiny-qwen2-vera", "tiny-gpt2-lora", "tiny-gpt2-vera"]
+    assert [run.model for _, run in both["tiny-gpt2-vera"]] == ["tiny-gpt2"] * 3
     assert grid_points({"a": [1, 2], "b": ["x", "y"]}) == [{"a": 1, "b": "x"}, {"a": 1, "b": "y"},
                                                           {"a": 2, "b": "x"}, {"a": 2, "b": "y"}]
 
@@ -88,6 +92,14 @@ def test_trials_take_their_grid_point_and_finals_take_the_chosen_one(tmp_path):
      "methods.lora, trial 1 {'adapter_overrides.r': 0}: adapter: r must be a positive integer"),
     ({"data": {"train": "e2e", "limit": 24}},
      "selection.metric: scores sst2 rows, and no data.train source has format sst2"),
+    ({"tune": {}, "methods": {"lora": {"tune": {"grid": {"train.lr": [1e-3]}}}}},
+     "methods.lora.tune: needs the study's tune: {grid, select}"),
+    ({"tune": {"grid": {"data.eval_fraction": [0.01]}, "select": "sst2/accuracy"}},
+     "tune.grid: data.eval_fraction cannot be tuned"),
+    ({"tune": {"grid": {"model": ["tiny-gpt2"]}, "select": "sst2/accuracy"}}, "tune.grid: model cannot be tuned"),
+    ({"data": {"train": "sst2", "eval_fraction": 0.01}}, "data.eval_fraction: a study with tune keeps each eval"),
+    ({"tune": {"grid": {"train.lr": [1e-3]}, "select": "sst2/accuracy", "points": 1}},
+     "tune.points: must be a whole number >= 2, got 1"),
 ])
 def test_bad_tune_sections_fail_before_any_training(tmp_path, change, message):
     with pytest.raises(ConfigError) as info:
@@ -96,24 +108,77 @@ def test_bad_tune_sections_fail_before_any_training(tmp_path, change, message):
     assert not (tmp_path / "study").exists()
 
 
-def test_the_dev_split_is_seeded_and_disjoint_from_training_and_eval_rows():
+def test_the_dev_split_is_seeded_and_disjoint_from_training_rows():
     sst2 = [Row({"label": str(i % 2), "sentence": f"s{i}"}, f"f:{i}") for i in range(40)]
     train, dev = split_dev(sst2, "sst2", 0.25, seed=0)
     assert len(dev) == 10 and len(train) == 30 and not {id(r) for r in train} & {id(r) for r in dev}
     assert split_dev(sst2, "sst2", 0.25, seed=0)[1] == dev and split_dev(sst2, "sst2", 0.25, seed=1)[1] != dev
-    path, _ = resolve_source("e2e")
-    rows = [r for r in read_rows(path) if not mr_is_heldout(r.fields["mr"], 0.2, 0)]  # training's part
-    train, dev = split_dev(rows, "e2e", 0.1, seed=0)
+    e2e = [Row({"mr": f"name[{i % 30}]", "ref": f"r{i}"}, f"f:{i}") for i in range(300)]
+    train, dev = split_dev(e2e, "e2e", 0.2, seed=0)
     train_mrs, dev_mrs = {r.fields["mr"] for r in train}, {r.fields["mr"] for r in dev}
-    assert dev_mrs and not train_mrs & dev_mrs  # by meaning representation, never by row
-    assert 0.05 < len(dev_mrs) / len(train_mrs | dev_mrs) < 0.15
-    assert not any(mr_is_heldout(mr, 0.2, 0) for mr in dev_mrs)  # none of the e2e eval task's mrs
+    assert dev_mrs and train_mrs and not train_mrs & dev_mrs  # by meaning representation, never by row
+
+
+@pytest.mark.parametrize("select, task", [("e2e/bleu", "e2e"), ("gsm8k/exact_match", "gsm8k"),
+                                          ("alpaca-heldout/loss", "alpaca-heldout"), ("sst2/accuracy", "sst2")])
+def test_no_dev_row_is_a_row_its_eval_task_scores(tmp_path, select, task):
+    """The pipeline's dev split against each eval task's own reading of its data (for e2e, gsm8k and
+    alpaca-heldout the eval rows come out of the training file itself)."""
+    from peftkit.evaluation.runner import prepare_specs
+    from peftkit.evaluation.tasks import TASKS
+    from peftkit.train import build_datasets, data_sources
+
+    module = TASKS[task]  # the task's own readers and splits, not the training pipeline's
+    recipe = load_recipe(str(write_study(tmp_path, data={"train": module.TRAIN_FORMAT, "max_length": 1024,
+                                                         "limit": 4000}, tune={}, seeds=[], methods={},
+                                         eval={"tasks": [task]}, selection={"metric": select})))
+    _, tokenizer = peftkit.load_model("tiny-llama")
+    _, _, dev = build_datasets(recipe, tokenizer, data_sources(recipe))
+    (spec,) = prepare_specs([task])
+    if task == "e2e":
+        _, held = module.split_e2e(module.read_e2e(Path(spec.data)), spec.heldout_fraction, spec.split_seed)
+        ours, theirs = {r.fields["mr"] for r in dev}, {r["mr"] for r in held}
+    elif task == "gsm8k":
+        rows = module.read_gsm8k(Path(spec.data))
+        ours = {r.fields["question"] for r in dev}
+        theirs = {rows[i]["question"] for i in module.eval_slice(len(rows), spec.eval_size, spec.split_seed)[0]}
+    elif task == "alpaca-heldout":
+        records = module.read_alpaca(Path(spec.data))
+        ours = {(r.fields["instruction"], r.fields.get("input") or "", r.fields["output"]) for r in dev}
+        held = module.split_heldout(len(records), spec.heldout_fraction, spec.split_seed)[1]
+        theirs = {(records[i]["instruction"], records[i]["input"], records[i]["output"]) for i in held}
+    else:
+        ours = {r.fields["sentence"] for r in dev}
+        theirs = {text for text, _ in module.read_sst2(Path(spec.data))}
+    assert len(dev) > 10 and theirs and not ours & theirs
 
 
 def test_choose_breaks_ties_by_grid_order_and_knows_lower_is_better():
     assert choose([50.0, 75.0, 75.0], "sst2/accuracy") == 1
     assert choose([2.1, 1.9, 1.9], "alpaca-heldout/loss") == 1
+    assert choose([float("nan"), None, 40.0], "sst2/accuracy") == 2 and choose([None], "sst2/accuracy") is None
     assert steps_at(10, 3) == [3, 7, 10] and steps_at(2, 3) == [1, 2]
+
+
+def test_a_diverged_trial_loses_and_a_method_whose_trials_all_diverged_stops_the_study(tmp_path):
+    recipe = load_recipe(str(write_study(tmp_path, methods={
+        "lora": {}, "vera": {"adapter": "vera", "tune": {"grid": {"train.lr": [1e-3, 1e-2, 1e-1]}}}})))
+    trials = check_tune(recipe)
+    split = {"source_format": "sst2", "fraction": 0.25, "seed": 0, "size": 6}
+    for (_, run), outcome in zip(trials["lora"] + trials["vera"], [60.0, "diverged", float("nan")] + ["diverged"] * 3):
+        out = Path(run.output)
+        out.mkdir(parents=True)
+        if outcome == "diverged":
+            (out / DIVERGED).write_text("{}")
+        else:
+            (out / "selection.json").write_text(json.dumps({"metric": "sst2/accuracy", "split": split, "points": [
+                {"step": 3, "value": outcome, "scores": {}}]}))
+    with pytest.raises(ConfigError, match="^tune: every trial of vera diverged .*: lower its grid's learning rates"):
+        tuning_record(recipe, trials)
+    record = tuning_record(recipe, {"lora": trials["lora"]})
+    rows = record["methods"]["lora"]["trials"]
+    assert record["methods"]["lora"]["chosen"] == {"train.lr": 1e-3}
+    assert [r.get("diverged", False) for r in rows] == [False, True, False] and rows[2]["score"] is None
 
 
 def _record(values: list[list[int]]) -> dict:
@@ -168,11 +233,11 @@ def test_study_smoke_protocol_and_eval_data_cannot_change_the_choice(tmp_path, m
     assert result["selection"] == {"split": {"source_format": "sst2", "fraction": 0.25, "seed": 0}, "size": 12,
                                    "metric": "sst2/accuracy", "search": tuning["search"], "trials_per_method": 2}
     rows = {m["name"]: m for m in result["methods"]}
-    assert list(rows) == ["lora", "ia3", "full"] and rows["full"]["method"] == "full"
+    assert list(rows) == ["lora", "full"] and rows["full"]["method"] == "full"
     system = json.loads((study / "full-seed1" / "system.json").read_text())
     assert rows["full"]["trainable"] == system["total_parameters"] > 20 * rows["lora"]["trainable"]  # all of them
     assert {m["seeds"] == [1, 2] and isinstance(m["converged"], bool) for m in rows.values()} == {True}
-    assert rows["ia3"]["tuning"]["grid"] == {"train.lr": [3e-3, 3e-2]} and "full" in rows["lora"]["p_beats"]
+    assert rows["full"]["tuning"]["grid"] == {"train.lr": [1e-4, 1e-3]} and "full" in rows["lora"]["p_beats"]
     markdown = (report / "report.md").read_text()
     assert "## Tuning" in markdown and "converged" in markdown.split("## Verdict")[1].split("## Ranks")[0].lower()
 
