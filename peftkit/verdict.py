@@ -31,7 +31,18 @@ def verdict(groups: list[Group]) -> list[str]:
     main = main_metric(metrics)
     if main is None:
         return ["No metric to judge: the runs were not evaluated."]
-    return [best_line(groups, main)] + pareto_lines(groups, main) + [convergence_line(groups)]
+    edges = [g.name for g in groups if at_grid_edge(g)]
+    edge = ([f"Chosen at the edge of their grid (the best value may lie beyond it): {', '.join(edges)}."]
+            if edges else [])
+    return [best_line(groups, main)] + pareto_lines(groups, main) + [convergence_line(groups)] + edge
+
+
+def at_grid_edge(group: Group) -> bool:
+    """Whether a tuned method's chosen value is the first or last of a grid key with 3+ values."""
+    if group.tuning is None:
+        return False
+    grid, chosen = group.tuning["grid"], group.tuning["chosen"]
+    return any(len(grid[key]) > 2 and value in (grid[key][0], grid[key][-1]) for key, value in chosen.items())
 
 
 def convergence_line(groups: list[Group]) -> str:
@@ -58,6 +69,7 @@ def tuning_rows(groups: list[Group]) -> tuple[list[str], list[list[str]]]:
         trials = ", ".join("diverged" if t.get("diverged") else "-" if t["score"] is None else f"{t['score']:.4g}"
                            for t in g.tuning["trials"])
         chosen = ", ".join(f"{key}={value}" for key, value in g.tuning["chosen"].items())
+        chosen += " (grid edge)" if at_grid_edge(g) else ""
         ok = converged(g)
         rows.append([g.name, grid, trials, chosen, "-" if ok is None else "yes" if ok else "no (still rising)"])
     return ["method", "grid", "dev score per trial", "chosen", "converged"], rows
