@@ -13,7 +13,6 @@ convergence from it (`still_rising`): the eval tasks' own data is never read her
 """
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -22,12 +21,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-import numpy as np
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 from peftkit.errors import ConfigError
 from peftkit.evaluation.spec import TaskSpec
-from peftkit.evaluation.splits import split_heldout
+from peftkit.evaluation.splits import mr_is_heldout, split_heldout
 
 logger = logging.getLogger(__name__)
 
@@ -73,17 +71,13 @@ def split_dev(rows: list, fmt: str, fraction: float, seed: int) -> tuple[list, l
     split but salted apart from it), so a dev mr never appears in training; other formats by row.
     """
     if fmt == "e2e":
-        held = [_hash_fraction(f"dev:{seed}:{row.fields['mr']}") < fraction for row in rows]
+        held = [mr_is_heldout(row.fields["mr"], fraction, f"dev:{seed}") for row in rows]
         return [r for r, h in zip(rows, held) if not h], [r for r, h in zip(rows, held) if h]
     if len(rows) < 2:
         raise ConfigError(f"selection.dev_fraction: cannot carve a dev split from {len(rows)} training row(s): "
                           f"raise data.limit or drop the selection")
     train_idx, dev_idx = split_heldout(len(rows), fraction, seed)
     return [rows[i] for i in train_idx], [rows[i] for i in dev_idx]
-
-
-def _hash_fraction(text: str) -> float:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
 def write_dev(rows: list, fmt: str, directory: Path) -> Path:
@@ -185,9 +179,9 @@ def read_selection(run_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def final_score(run_dir: Path) -> float | None:
-    """The dev metric at the end of training (a tuning trial's score); None if not scored."""
-    record = read_selection(run_dir)
+def final_score(record: dict | None) -> float | None:
+    """The dev metric at the end of training (a tuning trial's score) of a selection.json; None if
+    it scored no point."""
     return record["points"][-1]["value"] if record and record["points"] else None
 
 
@@ -208,14 +202,10 @@ def still_rising(records: list[dict], resamples: int = 1000, seed: int = 0) -> b
         before = min(points[:-1], key=lambda p: abs(p["step"] - 2 * last / 3))
         ends.append(points[-1]["scores"])
         earlier.append(before["scores"])
-    if not ends or len({len(s[stats.METRICS[metric][0][0]]) for s in ends + earlier}) != 1:
+    if not ends:
         return None
-    n, rng = len(ends[0][stats.METRICS[metric][0][0]]), np.random.default_rng(seed)
-    sign = -1.0 if metric in stats.LOWER_IS_BETTER else 1.0
-    wins = 0.0
-    for _ in range(resamples):
-        index, picked = rng.integers(0, n, size=n), rng.integers(0, len(ends), size=len(ends))
-        gain = sign * (np.mean([stats.metric_value(metric, ends[i], index) for i in picked])
-                       - np.mean([stats.metric_value(metric, earlier[i], index) for i in picked]))
-        wins += 1.0 if gain > 0 else 0.5 if gain == 0 else 0.0
-    return wins / resamples >= RISING
+    try:
+        matrix = stats.bootstrap_matrix(metric, [ends, earlier], resamples, seed, paired_seeds=True)
+    except ValueError:  # the points scored different examples
+        return None
+    return stats.probability_better(matrix, metric, 0, 1) >= RISING

@@ -146,25 +146,37 @@ LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 
 
 def bootstrap_matrix(metric: str, methods: Sequence[Sequence[dict[str, list]]], resamples: int = RESAMPLES,
-                     seed: int = 0) -> np.ndarray:
+                     seed: int = 0, paired_seeds: bool = False) -> np.ndarray:
     """Each method's metric in each bootstrap draw, shape (resamples, methods).
 
     Every draw resamples the examples once for all methods (they scored the same examples: the
     comparison is paired), then each method's seeds with replacement, and averages over them.
+    `paired_seeds`: the columns are the same seeds at different points (a run's dev metric early
+    and late), so one draw of seed indices serves every column.
 
     Raises:
-        ValueError: the methods (or seeds) scored different numbers of examples.
+        ValueError: the methods (or seeds) scored different numbers of examples, or, with
+            `paired_seeds`, hold different numbers of seeds.
     """
     sizes = {len(scores[METRICS[metric][0][0]]) for runs in methods for scores in runs}
     if len(sizes) != 1:
         raise ValueError(f"{metric}: the methods scored different examples ({sorted(sizes)}): evaluate them on one set")
+    counts = {len(runs) for runs in methods}
+    if paired_seeds and len(counts) != 1:
+        raise ValueError(f"{metric}: paired seeds need as many seeds in every column, got {sorted(counts)}")
     rng = np.random.default_rng(seed + 3)
     matrix = np.empty((resamples, len(methods)))
     for row, index in enumerate(_draws(sizes.pop(), resamples, seed)):
+        shared = _seed_draw(rng, len(methods[0])) if paired_seeds else None
         for column, runs in enumerate(methods):
-            picked = rng.integers(0, len(runs), size=len(runs)) if len(runs) > 1 else [0]
+            picked = shared if paired_seeds else _seed_draw(rng, len(runs))
             matrix[row, column] = np.mean([metric_value(metric, runs[i], index) for i in picked])
     return matrix
+
+
+def _seed_draw(rng: np.random.Generator, seeds: int) -> list[int]:
+    """Seed indices drawn with replacement (one seed: itself, drawing nothing)."""
+    return list(rng.integers(0, seeds, size=seeds)) if seeds > 1 else [0]
 
 
 def ranks(matrix: np.ndarray, metric: str) -> np.ndarray:

@@ -92,9 +92,6 @@ def check_section(recipe: Recipe) -> None:
         value = tune.get(name, default)
         require(isinstance(value, int) and not isinstance(value, bool) and value >= low, f"tune.{name}",
                 f"must be a whole number >= {low}", value)
-    require(recipe.data.eval_fraction is None, "data.eval_fraction", "a study with tune keeps each eval task's own "
-            "held-out split (so no dev or training row is an eval row): drop data.eval_fraction",
-            recipe.data.eval_fraction)
     check_grid(tune.get("grid"), "tune.grid")
 
 
@@ -166,7 +163,8 @@ def trial_recipes(recipe: Recipe, base: RunBase) -> list[tuple[dict, Recipe]]:
         values["output"] = str(Path(recipe.output) / "tune" / base.name / f"trial-{k}")
         run = build_run(values, f"{base.where}, trial {k} {point}")
         require(run.data.eval_fraction is None, f"{base.where}.data.eval_fraction", "a study with tune keeps each "
-                "eval task's own held-out split: drop it", run.data.eval_fraction)
+                "eval task's own held-out split (so no dev or training row is an eval row): drop data.eval_fraction",
+                run.data.eval_fraction)
         trials.append((point, run))
     return trials
 
@@ -189,7 +187,8 @@ def tuning_record(recipe: Recipe, trials: dict[str, list[tuple[dict, Recipe]]]) 
     for name, found in trials.items():
         dirs = [Path(run.output) for _, run in found]
         diverged = [(d / DIVERGED).is_file() for d in dirs]
-        scores = [None if gone else final_score(d) for d, gone in zip(dirs, diverged)]
+        records = [None if gone else read_selection(d) for d, gone in zip(dirs, diverged)]
+        scores = [final_score(record) for record in records]
         missing = [str(d) for d, s, gone in zip(dirs, scores, diverged) if s is None and not gone]
         if missing:
             raise ConfigError(f"tune: trial(s) {', '.join(missing)} have no dev score: delete them and rerun the "
@@ -202,7 +201,7 @@ def tuning_record(recipe: Recipe, trials: dict[str, list[tuple[dict, Recipe]]]) 
                        "run": str(d.relative_to(recipe.output)), **({"diverged": True} if gone else {})}
                       for (point, _), score, d, gone in zip(found, scores, dirs, diverged)]
         methods[name] = {"grid": grids[name], "trials": trial_rows, "chosen": found[best][0],
-                         "split": read_selection(dirs[best])["split"]}
+                         "split": records[best]["split"]}
         split = split or methods[name]["split"]
     return {"metric": metric, "split": split, "search": "grid: every trial at the recipe's full budget",
             "trials_per_method": len(next(iter(trials.values()))), "methods": methods}

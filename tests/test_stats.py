@@ -95,3 +95,16 @@ def test_rank_intervals_separate_only_what_the_data_separates():
     assert stats.rank_interval(tied, "accuracy") == [(1, 1), (1, 1)]  # a tie shares the better rank
     with pytest.raises(ValueError, match="different examples"):
         stats.bootstrap_matrix("accuracy", [[{"correct": [1, 0]}], [{"correct": [1, 0, 1]}]])
+
+
+def test_paired_seeds_draw_the_same_seeds_for_every_column():
+    """Two columns holding the same runs (a run's dev metric at two points where nothing changed):
+    paired, every draw gives both the same value; unpaired, the seed draws differ between them."""
+    rng = np.random.default_rng(3)
+    seeds = [{"correct": list((rng.random(200) < p).astype(int))} for p in (0.5, 0.7, 0.9)]
+    paired = stats.bootstrap_matrix("accuracy", [seeds, seeds], resamples=200, paired_seeds=True)
+    assert np.array_equal(paired[:, 0], paired[:, 1])
+    unpaired = stats.bootstrap_matrix("accuracy", [seeds, seeds], resamples=200)
+    assert not np.array_equal(unpaired[:, 0], unpaired[:, 1])
+    with pytest.raises(ValueError, match="paired seeds need as many seeds"):
+        stats.bootstrap_matrix("accuracy", [seeds, seeds[:2]], paired_seeds=True)

@@ -60,8 +60,9 @@ def split_e2e(rows: Sequence[dict[str, str]], heldout_fraction: float = 0.2,
             [r for r in rows if mr_is_heldout(r["mr"], heldout_fraction, seed)])
 
 
-def mr_is_heldout(mr: str, heldout_fraction: float, seed: int = 0) -> bool:
-    """Whether an E2E meaning representation is on the held-out side (see `split_e2e`)."""
+def mr_is_heldout(mr: str, heldout_fraction: float, seed: int | str = 0) -> bool:
+    """Whether an E2E meaning representation is on the held-out side (see `split_e2e`); a string
+    seed salts another split apart from it (a study's dev split, `peftkit.selection.split_dev`)."""
     digest = hashlib.sha256(f"{seed}:{mr}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < heldout_fraction
 
